@@ -1,0 +1,24 @@
+"""Errors that reach users as one clear line (entry points print them and exit non-zero)."""
+
+
+class UserError(Exception):
+    """A problem with the user's input, files or environment: printed as one line, exit code 2."""
+
+
+class ConfigError(UserError):
+    """A bad configuration value; `key` is the dotted path, filled in as the error travels up."""
+
+    def __init__(self, key: str, message: str, source: str | None = None):
+        self.key = key
+        self.message = message
+        self.source = source
+        super().__init__(self._line())
+
+    def _line(self) -> str:
+        where = f" (in {self.source})" if self.source else ""
+        return f"config key '{self.key}': {self.message}{where}"
+
+    def under(self, prefix: str) -> "ConfigError":
+        """The same error, its key prefixed with the enclosing section's name."""
+        key = f"{prefix}.{self.key}" if self.key else prefix
+        return ConfigError(key, self.message, self.source)
