@@ -1,0 +1,125 @@
+"""The one interface the training loop sees; each backend implements it in its own module.
+
+Nothing outside `gpt_vision.parallel` imports deepspeed, fairscale or FSDP: the loop, the
+checkpoint manager and the fine-tune loader talk to a `Strategy` (live, inside a process
+group) or to `load_consolidated` (offline, one process, any world size that wrote it).
+"""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+from torch import nn
+
+from gpt_vision.parallel.config import ParallelConfig
+from gpt_vision.train.config import OptimConfig
+
+
+@dataclass
+class StepResult:
+    """Outcome of one optimizer step, as tensors so the loop needs no host sync."""
+
+    grad_norm: torch.Tensor  # global L2 norm before clipping (0-dim, any device)
+    skipped: torch.Tensor  # 0-dim bool: True when the norm was not finite and nothing changed
+
+
+class Strategy(ABC):
+    """Wraps a model and its optimizer for one way of distributing training.
+
+    Lifecycle: `setup` once; per optimizer step, for each micro batch
+    `with accumulate(is_last): with autocast(): loss = objective(module, batch)`,
+    then `backward(loss)`; after the last micro batch `step(lr)`.
+    `save`/`load`/`full_state_dict` are collectives: every rank calls them.
+    """
+
+    name: str
+
+    def __init__(self, cfg: ParallelConfig, rank: int = 0, world_size: int = 1, local_rank: int = 0):
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.local_rank = local_rank
+        self.device = (
+            torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        )
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """bf16 on CUDA devices that have it when precision is auto; fp32 on CPU."""
+        precision = self.cfg.precision
+        if precision == "auto":
+            cuda_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            precision = "bf16" if cuda_bf16 else "fp32"
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+    @abstractmethod
+    def setup(self, model: nn.Module, optim_cfg: OptimConfig, micro_batch_size: int, grad_accum: int) -> None:
+        """Move/wrap `model` (fp32, seeded init on CPU) and build AdamW with decay groups."""
+
+    @property
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """What the objective calls for forward: the wrapped model."""
+
+    @property
+    @abstractmethod
+    def unwrapped(self) -> nn.Module:
+        """The user's model (possibly holding sharded parameters)."""
+
+    def autocast(self) -> ContextManager:
+        dtype = self.compute_dtype
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def accumulate(self, is_boundary: bool) -> ContextManager:
+        """Context for one micro batch; skips gradient sync when not at the boundary."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a micro batch's mean loss; scaling by accumulation is ours."""
+
+    @abstractmethod
+    def step(self, lr: float) -> StepResult:
+        """Clip, skip on a non-finite norm (weights bitwise unchanged), update, zero grads."""
+
+    @abstractmethod
+    def save(self, directory: Path) -> None:
+        """Write this backend's native (possibly sharded) model+optimizer files into `directory`."""
+
+    @abstractmethod
+    def load(self, directory: Path) -> None:
+        """Restore model+optimizer from `directory`, resharding if the world size differs."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Unwrapped fp32 CPU model state on rank 0 (None elsewhere); a collective."""
+
+    # Small collectives the loop needs without knowing whether a process group exists.
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True if `flag` is True on any rank: how ranks agree on stopping at one step."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.comm_device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @property
+    def comm_device(self) -> torch.device:
+        return self.device if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl" else torch.device("cpu")
