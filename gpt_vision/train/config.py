@@ -39,3 +39,43 @@ class ScheduleConfig:
             raise ConfigError("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    """What the loop counts: optimizer steps and samples, never epochs."""
+
+    steps: int = 1000
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    # 0: micro_batch_size * grad_accum * world size. Set it to have the launcher verify that.
+    global_batch_size: int = 0
+    eval_every: int = 500
+    eval_batches: int = 0  # 0: the whole held-out split
+    log_every: int = 10
+    sample_every: int = 0  # steps between sample grids in TensorBoard; 0: never
+    max_consecutive_skips: int = 5
+    compile: bool = False
+    # Peak FLOP/s for MFU; 0: measure a matmul at start (dtype of the run).
+    peak_flops: float = 0.0
+
+    def check(self) -> None:
+        for name in ("steps", "micro_batch_size", "grad_accum", "log_every", "max_consecutive_skips"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be positive, got {getattr(self, name)}")
+        for name in ("global_batch_size", "eval_every", "eval_batches", "sample_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.global_batch_size and self.global_batch_size % (self.micro_batch_size * self.grad_accum):
+            raise ConfigError(
+                "global_batch_size",
+                f"{self.global_batch_size} is not a multiple of micro_batch_size*grad_accum "
+                f"({self.micro_batch_size}*{self.grad_accum})",
+            )
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    jsonl: bool = True
+    progress: bool = True
