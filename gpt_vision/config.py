@@ -227,3 +227,52 @@ def dump_config(cfg: Any, path: str | os.PathLike) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     os.replace(tmp, path)
+
+
+# ---- the root configs: each section is owned by its component ---------------------------------
+
+from dataclasses import dataclass, field  # noqa: E402
+
+from gpt_vision.checkpoint import CheckpointConfig  # noqa: E402
+from gpt_vision.data.config import DataConfig, TokenizerConfig  # noqa: E402
+from gpt_vision.model.config import ModelConfig  # noqa: E402
+from gpt_vision.parallel.config import ParallelConfig  # noqa: E402
+from gpt_vision.slurm import SlurmConfig  # noqa: E402
+from gpt_vision.train.config import LoggingConfig, OptimConfig, ScheduleConfig, TrainConfig  # noqa: E402
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run needs; written resolved into the run directory."""
+
+    name: str = ""
+    # Default: runs/<name>. Checkpoints, TensorBoard, metrics and the resolved config go here.
+    run_dir: str = ""
+    seed: int = 0
+    # Bitwise-reproducible kernels (slower); resume-equality tests turn it on.
+    deterministic: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def check(self) -> None:
+        if not self.name and not self.run_dir:
+            raise ConfigError("name", "is required (the run goes to runs/<name>), or set run_dir")
+        if self.model.vocab_size and self.model.vocab_size != self.tokenizer.clusters:
+            raise ConfigError(
+                "model.vocab_size",
+                f"{self.model.vocab_size} differs from tokenizer.clusters={self.tokenizer.clusters} (leave it 0 to follow the palette)",
+            )
+        if self.schedule.warmup_steps > self.train.steps:
+            raise ConfigError("schedule.warmup_steps", f"{self.schedule.warmup_steps} exceeds train.steps={self.train.steps}")
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name

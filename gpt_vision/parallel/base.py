@@ -113,6 +113,14 @@ class Strategy(ABC):
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item())
 
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (in place on a copy on the communication device)."""
+        if self.world_size == 1:
+            return tensor
+        reduced = tensor.detach().to(self.comm_device).clone()
+        torch.distributed.all_reduce(reduced)
+        return reduced
+
     def broadcast_object(self, obj: Any) -> Any:
         if self.world_size == 1:
             return obj

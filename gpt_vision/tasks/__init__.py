@@ -1,0 +1,1 @@
+"""What is trained and on which loss: pretrain, probe, finetune, distill."""

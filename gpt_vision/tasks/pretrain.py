@@ -1,0 +1,244 @@
+"""Pretraining: builds the run's pieces from their config sections and hands them to the Trainer."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt_vision import checkpoint as ckpt
+from gpt_vision.config import PretrainConfig, dump_config, to_dict
+from gpt_vision.data.manifest import load_manifest
+from gpt_vision.data.palette import Palette, load_or_fit_palette
+from gpt_vision.data.stream import ShardLoader
+from gpt_vision.distributed import DistEnv, init_process_group
+from gpt_vision.errors import UserError
+from gpt_vision.model import ModelConfig, build_model, build_objective, flops_per_token
+from gpt_vision.parallel import build_strategy
+from gpt_vision.parallel.base import Strategy
+from gpt_vision.train.loop import LoopResult, Trainer
+from gpt_vision.train.metrics import MetricsLogger, image_grid, measure_matmul_flops
+
+log = logging.getLogger(__name__)
+PALETTE_FILE = "palette.npy"
+
+
+def resolve_model_config(model: ModelConfig, palette: Palette, manifest) -> ModelConfig:
+    """Fill vocabulary and geometry from the palette and the shards; disagreement is an error."""
+    cfg = model.resolved()
+    height, width = manifest.image_size
+    if height != width:
+        raise UserError(f"{manifest.location}: images are {height}x{width}; the model needs square images (use --resize)")
+    fills = {"vocab_size": palette.size, "image_size": height, "channels": manifest.channels}
+    for key, actual in fills.items():
+        given = getattr(cfg, key)
+        if key != "channels" and given == 0:
+            continue
+        if given != actual:
+            raise UserError(f"config key 'model.{key}' is {given} but the data/palette give {actual}")
+    cfg = dataclasses.replace(cfg, **fills)
+    cfg.check()
+    return cfg
+
+
+def prepare_run_dir(cfg: PretrainConfig, strategy: Strategy) -> tuple[Path, Path | None]:
+    """Create or reopen the run folder; returns it and the step to resume from (if any).
+
+    A run folder that already holds a run is reused only when resuming, so two runs never
+    mix their checkpoints.
+    """
+    run_dir = cfg.resolved_run_dir
+    resume_from = None
+    error = None
+    if strategy.rank == 0:
+        try:
+            resume_from = _choose_resume(cfg, run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except UserError as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"run directory {run_dir} is not writable: {exc.strerror}"
+    error, resume_from = strategy.broadcast_object((error, str(resume_from) if resume_from else None))
+    if error:
+        raise UserError(error)
+    return run_dir, Path(resume_from) if resume_from else None
+
+
+def _choose_resume(cfg: PretrainConfig, run_dir: Path) -> Path | None:
+    mode = cfg.checkpoint.resume
+    existing = ckpt.latest_complete(run_dir / "checkpoints")
+    if mode == "never":
+        if (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists():
+            raise UserError(
+                f"run directory {run_dir} already holds a run; choose another name, or set checkpoint.resume=auto to continue it"
+            )
+        return None
+    if mode == "auto":
+        return existing
+    target = ckpt.resolve_step_dir(mode)
+    if existing is not None and existing.resolve() != target.resolve():
+        raise UserError(
+            f"run directory {run_dir} already has checkpoints (newest {existing.name}); resume from {target} into a new run directory"
+        )
+    return target
+
+
+def _check_same_model(step_dir: Path, model_cfg: ModelConfig) -> None:
+    saved = ckpt.read_meta(step_dir).get("model")
+    if saved and saved != dataclasses.asdict(model_cfg):
+        diff = sorted(k for k in saved if saved[k] != dataclasses.asdict(model_cfg).get(k))
+        raise UserError(f"checkpoint {step_dir} was trained with a different model (model.{', model.'.join(diff)} differ)")
+
+
+def load_palette(cfg: PretrainConfig, strategy: Strategy, run_dir: Path) -> Palette:
+    """Rank 0 fits (or reuses) the palette; the others read the copy it leaves in the run folder."""
+    error = None
+    if strategy.rank == 0:
+        try:
+            palette = load_or_fit_palette(cfg.data, cfg.tokenizer)
+            palette.save(run_dir / PALETTE_FILE)
+        except UserError as exc:
+            error = str(exc)
+    error = strategy.broadcast_object(error)
+    if error:
+        raise UserError(error)
+    return Palette.load(run_dir / PALETTE_FILE)
+
+
+def configure_determinism(cfg: PretrainConfig) -> None:
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def run_pretraining(cfg: PretrainConfig, env: DistEnv, fault_injector=None) -> LoopResult:
+    """The whole run on this rank; every rank calls it (a plain `python` run is world size 1)."""
+    init_process_group(env, backend=None if cfg.parallel.backend == "auto" else cfg.parallel.backend,
+                       timeout_s=cfg.parallel.timeout_s)
+    configure_determinism(cfg)
+    strategy = build_strategy(cfg.parallel, env.rank, env.world_size, env.local_rank)
+    train = cfg.train
+    actual_global = train.micro_batch_size * train.grad_accum * env.world_size
+    if train.global_batch_size and train.global_batch_size != actual_global:
+        raise UserError(
+            f"train.global_batch_size={train.global_batch_size} but micro_batch_size*grad_accum*world_size = "
+            f"{train.micro_batch_size}*{train.grad_accum}*{env.world_size} = {actual_global}; "
+            f"set train.grad_accum={train.global_batch_size // (train.micro_batch_size * env.world_size) or 1} "
+            "or change the number of processes"
+            if train.global_batch_size % (train.micro_batch_size * env.world_size) == 0
+            else f"train.global_batch_size={train.global_batch_size} is not divisible by micro_batch_size*world_size "
+            f"= {train.micro_batch_size}*{env.world_size}"
+        )
+    manifest = load_manifest(cfg.data.manifest)
+    run_dir, resume_from = prepare_run_dir(cfg, strategy)
+    palette = load_palette(cfg, strategy, run_dir)
+    model_cfg = resolve_model_config(cfg.model, palette, manifest)
+    resolved = dataclasses.replace(cfg, model=model_cfg)
+    if resume_from is not None:
+        _check_same_model(resume_from, model_cfg)
+    if strategy.rank == 0:
+        dump_config(resolved, run_dir / "config.yaml")
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_cfg)
+    strategy.setup(model, cfg.optim, train.micro_batch_size, train.grad_accum)
+    objective = build_objective(model_cfg)
+    loader = ShardLoader(cfg.data, cfg.data.train_split, palette, train.micro_batch_size,
+                         rank=env.rank, world_size=env.world_size, seed=cfg.seed, train=True)
+    logger = MetricsLogger(run_dir, cfg.logging, enabled=env.rank == 0, total_steps=train.steps,
+                           start_step=0)
+    peak = train.peak_flops or measure_matmul_flops(strategy.device, strategy.compute_dtype)
+    tokens = model_cfg.seq_len
+    trainer = Trainer(
+        strategy=strategy,
+        objective=objective,
+        train_loader=loader,
+        train_cfg=train,
+        optim_cfg=cfg.optim,
+        schedule_cfg=cfg.schedule,
+        checkpoints=ckpt.CheckpointManager(run_dir, cfg.checkpoint, strategy),
+        checkpoint_every=cfg.checkpoint.every,
+        logger=logger,
+        seed=cfg.seed,
+        flops_per_sample=flops_per_token(model_cfg, tokens) * tokens,
+        tokens_per_sample=tokens,
+        dims_per_token=model_cfg.channels if model_cfg.objective != "next_patch" else 0,
+        peak_flops=peak,
+        meta={"model": dataclasses.asdict(model_cfg), "config": to_dict(resolved)},
+        checkpoint_files={PALETTE_FILE: _palette_bytes(palette)},
+        evaluate=_evaluator(cfg, strategy, objective, palette) if train.eval_every else None,
+        sample_images=_sampler(strategy, model_cfg, palette, logger) if model_cfg.objective == "next_pixel" else None,
+        fault_injector=fault_injector,
+    )
+    if resume_from is not None:
+        trainer.restore(resume_from)
+    try:
+        result = trainer.run()
+    finally:
+        logger.close()
+    return result
+
+
+def _palette_bytes(palette: Palette) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, palette.centroids, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _evaluator(cfg: PretrainConfig, strategy: Strategy, objective, palette: Palette):
+    """Mean validation loss over the held-out split, each sample read once across ranks."""
+
+    def evaluate() -> dict[str, float]:
+        loader = ShardLoader(cfg.data, cfg.data.val_split, palette, cfg.train.micro_batch_size,
+                             rank=strategy.rank, world_size=strategy.world_size, seed=cfg.seed, train=False)
+        totals = torch.zeros(2, dtype=torch.float64)
+        module = strategy.module
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            for index, batch in enumerate(loader):
+                if cfg.train.eval_batches and index >= cfg.train.eval_batches:
+                    break
+                batch = {k: v.to(strategy.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                generator = torch.Generator().manual_seed(cfg.seed + index)
+                with strategy.autocast():
+                    loss, _ = objective(module, batch, generator)
+                count = batch["tokens"].shape[0]
+                totals += torch.tensor([loss.double().item() * count, count], dtype=torch.float64)
+        module.train(was_training)
+        totals = strategy.all_reduce_sum(totals)
+        loss = float(totals[0] / max(totals[1], 1))
+        channels = palette.channels
+        return {"loss": loss, "bits_per_dim": loss / math.log(2) / channels, "samples": float(totals[1])}
+
+    return evaluate
+
+
+def _sampler(strategy: Strategy, model_cfg: ModelConfig, palette: Palette, logger: MetricsLogger):
+    """Unconditional samples as a TensorBoard image grid, drawn on rank 0 from the full weights."""
+
+    def sample(step: int) -> None:
+        state = strategy.full_state_dict()
+        if strategy.rank != 0:
+            return
+        model = build_model(model_cfg)
+        model.load_state_dict(state)
+        model.eval()
+        generator = torch.Generator().manual_seed(step)
+        tokens = model.generate(8, generator=generator)
+        size = model_cfg.image_size
+        pixels = palette.decode(tokens).reshape(8, size, size, palette.channels).numpy()
+        logger.image_grid(step, "samples/unconditional", image_grid(pixels, columns=4))
+
+    return sample

@@ -1,0 +1,216 @@
+"""The training loop, written once: it sees a Strategy, an objective and a loader, never a backend."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from gpt_vision.checkpoint import CheckpointManager, rng_state, set_rng_state
+from gpt_vision.errors import UserError
+from gpt_vision.parallel.base import Strategy
+from gpt_vision.train import preemption
+from gpt_vision.train.config import OptimConfig, ScheduleConfig, TrainConfig
+from gpt_vision.train.metrics import MetricsLogger, memory_bytes
+from gpt_vision.train.optim import learning_rate
+
+
+class NonFiniteLossError(UserError):
+    """Too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+@dataclass
+class LoopState:
+    """Counters that define where training is; saved in every checkpoint."""
+
+    step: int = 0
+    samples: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+
+
+@dataclass
+class LoopResult:
+    state: LoopState
+    stopped_early: bool
+    stop_reason: str = ""
+    last_checkpoint: Path | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def step_generator(seed: int, step: int, rank: int, micro: int, device: torch.device) -> torch.Generator:
+    """Masks and prefix lengths depend on (seed, step, rank, micro batch) only: resumable exactly."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + step * 10_007 + rank * 101 + micro) % (2**63 - 1))
+    return gen
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class Trainer:
+    """Runs optimizer steps until `train.steps`, saving, evaluating and logging on the way."""
+
+    def __init__(
+        self,
+        *,
+        strategy: Strategy,
+        objective: Callable,
+        train_loader,
+        train_cfg: TrainConfig,
+        optim_cfg: OptimConfig,
+        schedule_cfg: ScheduleConfig,
+        checkpoints: CheckpointManager,
+        checkpoint_every: int,
+        logger: MetricsLogger,
+        seed: int,
+        flops_per_sample: float,
+        tokens_per_sample: int,
+        dims_per_token: int,
+        peak_flops: float,
+        meta: dict[str, Any],
+        checkpoint_files: dict[str, bytes] | None = None,
+        evaluate: Callable[[], dict[str, float]] | None = None,
+        sample_images: Callable[[int], None] | None = None,
+        fault_injector: Callable[[int, Strategy], None] | None = None,
+    ):
+        self.strategy = strategy
+        self.objective = objective
+        self.loader = train_loader
+        self.cfg = train_cfg
+        self.optim_cfg = optim_cfg
+        self.schedule_cfg = schedule_cfg
+        self.checkpoints = checkpoints
+        self.checkpoint_every = checkpoint_every
+        self.logger = logger
+        self.seed = seed
+        self.flops_per_sample = flops_per_sample
+        self.tokens_per_sample = tokens_per_sample
+        self.dims_per_token = dims_per_token
+        self.peak_flops = peak_flops
+        self.meta = meta
+        self.checkpoint_files = checkpoint_files or {}
+        self.evaluate = evaluate
+        self.sample_images = sample_images
+        self.fault_injector = fault_injector
+        self.state = LoopState()
+        self.global_batch = train_cfg.micro_batch_size * train_cfg.grad_accum * strategy.world_size
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        started = time.perf_counter()
+        rank_state = {"data": self.loader.state_dict(), "rng": rng_state(), "world_size": self.strategy.world_size}
+        meta = dict(self.meta, samples=self.state.samples, loop=vars(self.state))
+        path = self.checkpoints.save(self.state.step, meta, rank_state, self.checkpoint_files)
+        self.logger.scalars(self.state.step, {"checkpoint_seconds": time.perf_counter() - started}, "checkpoint")
+        return path
+
+    def restore(self, step_dir: Path) -> None:
+        """Load model/optimizer through the strategy, then counters, RNG and data position."""
+        self.strategy.load(step_dir)
+        meta, rank_state = self.checkpoints.load_rank_state(step_dir)
+        self.state = LoopState(**meta["loop"])
+        if rank_state is not None:
+            if not rank_state.get("foreign_world_size"):
+                set_rng_state(rank_state["rng"])
+            self.loader.load_state_dict(rank_state["data"])
+        self.logger.message(f"resumed from {step_dir} at step {self.state.step} ({self.state.samples} samples)")
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> LoopResult:
+        cfg, strategy = self.cfg, self.strategy
+        batches = iter(self.loader)
+        result = LoopResult(self.state, stopped_early=False)
+        window_start, window_steps = time.perf_counter(), 0
+        window_loss = torch.zeros((), device=strategy.device)
+        window_skips = torch.zeros((), device=strategy.device)
+        window_max_consecutive = torch.zeros((), device=strategy.device)
+        consecutive = torch.full((), float(self.state.consecutive_skips), device=strategy.device)
+        last_norm = torch.zeros(())
+        while self.state.step < cfg.steps:
+            step = self.state.step
+            lr = learning_rate(step, cfg.steps, self.optim_cfg.lr, self.schedule_cfg)
+            loss_sum = torch.zeros((), device=strategy.device)
+            for micro in range(cfg.grad_accum):
+                batch = to_device(next(batches), strategy.device)
+                generator = step_generator(self.seed, step, strategy.rank, micro, torch.device("cpu"))
+                with strategy.accumulate(micro == cfg.grad_accum - 1), strategy.autocast():
+                    loss, _stats = self.objective(strategy.module, batch, generator)
+                if self.fault_injector is not None:
+                    loss = self.fault_injector(step, strategy, loss)
+                strategy.backward(loss)
+                loss_sum += loss.detach().float()
+            outcome = strategy.step(lr)
+            skipped = outcome.skipped.to(strategy.device).float()
+            consecutive = (consecutive + 1) * skipped
+            window_max_consecutive = torch.maximum(window_max_consecutive, consecutive)
+            window_skips += skipped
+            window_loss += torch.where(skipped.bool(), torch.zeros_like(loss_sum), loss_sum / cfg.grad_accum)
+            last_norm = outcome.grad_norm
+            self.state.step += 1
+            self.state.samples += self.global_batch
+            window_steps += 1
+            done = self.state.step >= cfg.steps
+            stop_now = strategy.any_rank(preemption.stop_requested())
+
+            if window_steps >= cfg.log_every or done or stop_now:
+                skips = int(window_skips.item())
+                self.state.skipped_steps += skips
+                self.state.consecutive_skips = int(consecutive.item())
+                good_steps = window_steps - skips
+                elapsed = time.perf_counter() - window_start
+                mean_loss = (window_loss.item() / good_steps) if good_steps else float("nan")
+                scalars = self._window_scalars(mean_loss, lr, float(last_norm), window_steps, elapsed, skips)
+                result.history.append({"step": self.state.step, **scalars})
+                self.logger.scalars(self.state.step, scalars)
+                self.logger.advance(window_steps, {"loss": mean_loss, "lr": lr})
+                if window_max_consecutive.item() >= cfg.max_consecutive_skips:
+                    raise NonFiniteLossError(
+                        f"{int(window_max_consecutive.item())} consecutive steps had a non-finite loss or gradient "
+                        f"norm (limit train.max_consecutive_skips={cfg.max_consecutive_skips}) before step "
+                        f"{self.state.step}; the last complete checkpoint holds the last good state"
+                    )
+                window_start, window_steps = time.perf_counter(), 0
+                window_loss.zero_(), window_skips.zero_(), window_max_consecutive.zero_()
+
+            if self.evaluate is not None and cfg.eval_every and (self.state.step % cfg.eval_every == 0 or done):
+                self.logger.scalars(self.state.step, self.evaluate(), "val")
+            if self.sample_images is not None and cfg.sample_every and self.state.step % cfg.sample_every == 0:
+                self.sample_images(self.state.step)
+            if stop_now:
+                result.stopped_early = True
+                result.stop_reason = preemption.stop_reason() or "another rank was signalled"
+                result.last_checkpoint = self.save()
+                self.logger.message(f"stopped at step {self.state.step} ({result.stop_reason}); checkpoint {result.last_checkpoint}")
+                break
+            if self.state.step % self.checkpoint_every == 0 or done:
+                result.last_checkpoint = self.save()
+        result.state = self.state
+        return result
+
+    def _window_scalars(self, loss: float, lr: float, grad_norm: float, steps: int, seconds: float, skips: int) -> dict:
+        samples_per_s = steps * self.global_batch / max(seconds, 1e-9)
+        flops = samples_per_s * self.flops_per_sample
+        scalars = {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "images_per_s": samples_per_s,
+            "tokens_per_s": samples_per_s * self.tokens_per_sample,
+            "model_flops_per_s": flops,
+            "mfu": flops / (self.peak_flops * self.strategy.world_size) if self.peak_flops else 0.0,
+            "memory_gb": memory_bytes(self.strategy.device) / 2**30,
+            "skipped_steps": float(skips),
+            "samples": float(self.state.samples),
+        }
+        if self.dims_per_token:
+            scalars["bits_per_dim"] = loss / math.log(2) / self.dims_per_token
+        for kind, count in getattr(self.loader, "bad_samples", {}).items():
+            scalars[f"bad_samples/{kind}"] = float(count)
+        return scalars
