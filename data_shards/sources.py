@@ -109,8 +109,10 @@ def _read_maybe_gzip(path: Path) -> bytes:
 CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 CIFAR100_FILES = {"train": ["train"], "test": ["test"]}
 
-# Exactly what the official CIFAR pickles reference to rebuild their numpy arrays.
+# Exactly what CIFAR pickles reference to rebuild numpy arrays; `_codecs.encode` is how protocol-2
+# pickles written by Python 3 store bytes (a text->bytes codec call, as torch's weights_only allows).
 _CIFAR_PICKLE_GLOBALS = {
+    ("_codecs", "encode"),
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"),
