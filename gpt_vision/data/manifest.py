@@ -80,6 +80,8 @@ def _read(path: str) -> bytes:
             with webdataset.gopen(path, "rb") as stream:
                 return stream.read()
         return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"shard manifest {path} does not exist (give manifest.json or its directory)") from None
     except OSError as error:
         raise UserError(f"cannot read shard manifest {path}: {error}") from None
 

@@ -113,6 +113,7 @@ class _WorkerStream(IterableDataset):
             if not spec.train:
                 if batch:
                     yield self._collate(batch, worker, epoch, consumed, tracker.counts)
+                yield {"_stream": self._position(worker, epoch, consumed, tracker.counts)}
                 return
             if consumed == 0:
                 raise UserError(
@@ -134,8 +135,12 @@ class _WorkerStream(IterableDataset):
             "pixels": pixels,
             "label": torch.tensor(labels, dtype=torch.int64),
             "key": list(keys),
-            "_stream": {"worker": worker, "epoch": epoch, "consumed": consumed, "bad": dict(bad)},
+            "_stream": self._position(worker, epoch, consumed, bad),
         }
+
+    @staticmethod
+    def _position(worker: int, epoch: int, consumed: int, bad: Counter) -> dict:
+        return {"worker": worker, "epoch": epoch, "consumed": consumed, "bad": dict(bad)}
 
 
 class ShardLoader:
@@ -203,7 +208,8 @@ class ShardLoader:
             if self.train:
                 self._positions[worker] = (stream["epoch"], stream["consumed"])
                 self._next_worker = (worker + 1) % self.num_workers
-            yield batch
+            if "tokens" in batch:  # an evaluation worker's last item carries only its final counts
+                yield batch
 
     def state_dict(self) -> dict:
         """JSON-serializable position after the last batch yielded (this rank only)."""
