@@ -258,10 +258,10 @@ def _from_rank_env(environ: Mapping[str, str], arg_local_rank: int | None) -> Di
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if not environ.get(name):
                 raise UserError(f"WORLD_SIZE={world_size} but {name} is not set; the launcher must set it")
-    if arg_local_rank is not None or "LOCAL_SIZE" in environ:
-        launcher = "deepspeed"
-    elif "TORCHELASTIC_RUN_ID" in environ:
+    if "TORCHELASTIC_RUN_ID" in environ:  # torchrun, and torch.distributed.launch (which passes --local-rank)
         launcher = "torchrun"
+    elif arg_local_rank is not None or "LOCAL_SIZE" in environ:
+        launcher = "deepspeed"
     else:
         launcher = "env"
     env = DistEnv(
@@ -288,7 +288,7 @@ def _from_slurm_env(environ: Mapping[str, str]) -> DistEnv:
     world_key = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in environ else "SLURM_NTASKS"
     world_size = _int_env(environ, world_key)
     local_rank = _int_env(environ, "SLURM_LOCALID")
-    local_world_size = _slurm_local_world_size(environ)
+    local_world_size, local_world_key = _slurm_local_world_size(environ)
     # Rank 0 runs on the first node of the step, which may be a subset of the job's nodes.
     nodes_key = "SLURM_STEP_NODELIST" if environ.get("SLURM_STEP_NODELIST") else "SLURM_JOB_NODELIST"
     if not environ.get(nodes_key):
@@ -297,15 +297,16 @@ def _from_slurm_env(environ: Mapping[str, str]) -> DistEnv:
     job_id = _int_env(environ, "SLURM_JOB_ID")
     master_port = _port(environ, "MASTER_PORT", SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN)
     env = DistEnv(rank, world_size, local_rank, local_world_size, master_addr, master_port, "srun")
-    _check(env, ("SLURM_PROCID", world_key, "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"))
+    _check(env, ("SLURM_PROCID", world_key, "SLURM_LOCALID", local_world_key))
     return env
 
 
-def _slurm_local_world_size(environ: Mapping[str, str]) -> int:
-    """Tasks on this node, from e.g. SLURM_STEP_TASKS_PER_NODE='2(x3),1' and SLURM_NODEID."""
+def _slurm_local_world_size(environ: Mapping[str, str]) -> tuple[int, str]:
+    """Tasks on this node (and the variable it came from), e.g. from
+    SLURM_STEP_TASKS_PER_NODE='2(x3),1' and SLURM_NODEID."""
     key = "SLURM_STEP_TASKS_PER_NODE" if "SLURM_STEP_TASKS_PER_NODE" in environ else "SLURM_TASKS_PER_NODE"
     if key not in environ:
-        return _int_env(environ, "SLURM_NTASKS")
+        return _int_env(environ, "SLURM_NTASKS"), "SLURM_NTASKS"
     counts: list[int] = []
     for part in environ[key].split(","):
         m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
@@ -315,7 +316,7 @@ def _slurm_local_world_size(environ: Mapping[str, str]) -> int:
     node_id = _int_env(environ, "SLURM_NODEID") if "SLURM_NODEID" in environ else 0
     if node_id >= len(counts):
         raise UserError(f"SLURM_NODEID={node_id} but {key}={environ[key]!r} lists {len(counts)} node(s)")
-    return counts[node_id]
+    return counts[node_id], key
 
 
 def _check(env: DistEnv, names: tuple[str, str, str, str]) -> None:

@@ -58,6 +58,10 @@ def test_torchrun():
     assert detect_env([], TORCHRUN) == DistEnv(3, 4, 1, 2, "node01", 29400, "torchrun")
 
 
+def test_legacy_torch_distributed_launch_passes_local_rank_but_is_torchrun():
+    assert detect_env(["--local-rank=1"], TORCHRUN).launcher == "torchrun"
+
+
 def test_generic_env_launcher():
     environ = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1234"}
     assert detect_env([], environ) == DistEnv(0, 2, 0, 2, "h", 1234, "env")
@@ -157,6 +161,9 @@ def test_first_host_falls_back_to_scontrol_for_syntax_it_cannot_read(monkeypatch
         ({**SRUN_TASK, "SLURM_STEP_TASKS_PER_NODE": "2x2"}, [], "is not of the form"),
         ({**SRUN_TASK, "SLURM_NODEID": "2"}, [], "SLURM_NODEID=2 but SLURM_STEP_TASKS_PER_NODE"),
         ({**SRUN_TASK, "SLURM_JOB_ID": "abc"}, [], "SLURM_JOB_ID='abc' is not an integer"),
+        ({**SRUN_TASK, "SLURM_LOCALID": "2"}, [], r"SLURM_LOCALID=2 is outside 0..1"),
+        ({**SRUN_TASK, "SLURM_STEP_TASKS_PER_NODE": "8(x2)"}, [],
+         "SLURM_STEP_TASKS_PER_NODE=8 must be between 1 and SLURM_STEP_NUM_TASKS=4"),
         ({k: v for k, v in SRUN_TASK.items() if "NODELIST" not in k}, [], "without SLURM_JOB_NODELIST"),
     ],
 )
