@@ -1,0 +1,88 @@
+"""fairscale OSS + ShardedDataParallel: AdamW state (ZeRO-1) and gradients (ZeRO-2) sharded.
+
+Each rank keeps the full model; ShardedDataParallel reduces every gradient to the one rank whose
+OSS partition owns it (the others drop theirs), that rank updates its partition with torch AdamW
+and OSS broadcasts the new weights. Checkpoints use the same `model.safetensors` + `optimizer.pt`
+files as single/ddp: `OSS.consolidate_state_dict` gathers the optimizer state on rank 0 in the
+global (unsharded) layout, which OSS re-partitions on load at any world size.
+
+fairscale 0.4.13 runs as is on torch 2.13 (CPU/gloo and CUDA/NCCL) for this use.
+fairscale's own FullyShardedDataParallel is not offered: it needs CUDA and is superseded by
+torch FSDP2, which the `fsdp` strategy provides.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import ContextManager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gpt_vision.parallel import common
+from gpt_vision.parallel.base import StepResult, Strategy
+from gpt_vision.train.config import OptimConfig
+from gpt_vision.train.optim import adamw_kwargs, param_groups
+
+
+class FairscaleStrategy(Strategy):
+    name = "fairscale"
+
+    def setup(self, model: nn.Module, optim_cfg: OptimConfig, micro_batch_size: int, grad_accum: int) -> None:
+        from fairscale.nn.data_parallel import ShardedDataParallel
+        from fairscale.optim import OSS
+
+        self.optim_cfg = optim_cfg
+        self.grad_accum = grad_accum
+        model = model.to(self.device)
+        self.optimizer = OSS(
+            param_groups(model, optim_cfg), optim=torch.optim.AdamW, **adamw_kwargs(optim_cfg, self.device)
+        )
+        self._model = ShardedDataParallel(model, self.optimizer)
+
+    @property
+    def module(self) -> nn.Module:
+        return self._model
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self._model.module
+
+    def accumulate(self, is_boundary: bool) -> ContextManager:
+        return contextlib.nullcontext() if is_boundary else self._model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self, lr: float) -> StepResult:
+        common.set_lr(self.optimizer, lr)  # OSS copies its groups' lr into the shard optimizer
+        owned = [p for group in self.optimizer.optim.param_groups for p in group["params"]]
+        squared = common.local_norm(owned).to(self.comm_device) ** 2
+        if self.world_size > 1:
+            dist.all_reduce(squared)
+        total = squared.sqrt().to(self.device)
+        return common.guarded_update(
+            self.optimizer.optim,
+            owned,
+            total,
+            self.optim_cfg.grad_clip,
+            update=self.optimizer.step,
+            zero_grad=lambda: self._model.zero_grad(set_to_none=True),
+        )
+
+    def save(self, directory: Path) -> None:
+        self.optimizer.consolidate_state_dict(recipient_rank=0)
+        if self.rank == 0:
+            common.write_full_files(directory, common.plain_state_dict(self.unwrapped), self.optimizer.state_dict())
+        self.barrier()
+
+    def load(self, directory: Path) -> None:
+        directory = Path(directory)
+        common.load_model_strict(self.unwrapped, common.read_model_file(directory), directory)
+        self.optimizer.load_state_dict(common.read_optimizer_file(directory))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        state = common.plain_state_dict(self.unwrapped) if self.rank == 0 else None
+        self.barrier()
+        return state
