@@ -27,7 +27,7 @@ from .sources import check_arrays
 from .splits import ArraySplit, BadImage, Split
 
 DEFAULT_SHARD_SIZE = 10_000
-SHARD_NAME = re.compile(r"^[A-Za-z0-9_.]+-\d{6}\.tar$")
+SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
 MAX_LISTED_BAD = 50  # printed to stderr; the manifest keeps up to MAX_RECORDED_BAD
 MAX_RECORDED_BAD = 1000
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
@@ -152,8 +152,8 @@ def _check_args(splits, out: Path, name: str, mode, resize, shard_size: int, max
     if not name or "/" in name:
         raise UserError(f"dataset name {name!r} must be non-empty and contain no '/'")
     for split_name in splits:
-        if not re.fullmatch(r"[A-Za-z0-9_.]+", split_name):
-            raise UserError(f"bad split spec: split name {split_name!r} may only use letters, digits, '_' and '.'")
+        if not re.fullmatch(r"[A-Za-z0-9_]+", split_name):
+            raise UserError(f"bad split spec: split name {split_name!r} may only use letters, digits and '_'")
     if mode is not None and mode not in MODES:
         raise UserError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     if resize is not None and resize <= 0:

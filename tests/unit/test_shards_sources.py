@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from data_shards import read_manifest
-from data_shards.cli import main
+from data_shards.cli import _make, build_parser, main
 from data_shards.sources import read_idx
 from gpt_vision.errors import UserError
 from tests.fixtures_images import (
@@ -24,6 +24,11 @@ from tests.fixtures_images import (
 
 def make(*args: str) -> None:
     assert main(["make", *args]) == 0
+
+
+def main_raising(*argv: str) -> None:
+    """Run the make pipeline without the CLI's error printing, to assert on the exception."""
+    _make(build_parser().parse_args(list(argv)))
 
 
 @pytest.fixture
@@ -90,13 +95,6 @@ def test_idx_image_label_count_mismatch(tmp_path, rng):
     write_idx(root / "train-labels-idx1-ubyte", np.zeros(5, np.uint8), gz=False)
     with pytest.raises(UserError, match="holds 4 images but .* holds 5 labels"):
         main_raising("make", "--source", "idx", "--input", str(root), "--out", str(tmp_path / "o"), "--name", "x")
-
-
-def main_raising(*argv: str) -> None:
-    """Run the make pipeline without the CLI's error printing, to assert on the exception."""
-    from data_shards.cli import _make, build_parser
-
-    _make(build_parser().parse_args(list(argv)))
 
 
 def test_cifar10_round_trip(tmp_path, rng):

@@ -68,6 +68,8 @@ def test_write_shards_argument_errors(tmp_path, rng):
         write_shards(images.astype(np.float32), None, tmp_path, "x")
     with pytest.raises(UserError, match="mode 'CMYK'"):
         write_shards(images, None, tmp_path, "x", mode="CMYK")
+    with pytest.raises(UserError, match="split name 'tr.ain' may only use letters, digits and '_'"):
+        write_shards({"tr.ain": (images, None)}, None, tmp_path, "x")
     assert list(tmp_path.iterdir()) == []
 
 
