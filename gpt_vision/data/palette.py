@@ -38,6 +38,8 @@ class Palette:
         self.centroids = centroids.astype(np.float32)
         self._centroids = torch.from_numpy(self.centroids)
         self._colors = torch.from_numpy(np.clip(np.rint(self.centroids), 0, 255).astype(np.uint8))
+        if self.channels == 1:  # 256 possible gray levels: a lookup table is exact and much faster
+            self._gray_lookup = _nearest(torch.arange(256, dtype=torch.float32)[:, None], self._centroids).numpy()
 
     @property
     def size(self) -> int:
@@ -55,6 +57,8 @@ class Palette:
             pixels = pixels.unsqueeze(-1)
         if pixels.shape[-1] != self.channels:
             raise ValueError(f"pixels have {pixels.shape[-1]} channels, the palette has {self.channels}")
+        if self.channels == 1 and pixels.dtype == torch.uint8:
+            return torch.from_numpy(np.take(self._gray_lookup, pixels[..., 0].numpy()))
         flat = pixels.reshape(-1, self.channels)
         tokens = torch.empty(flat.shape[0], dtype=torch.int64)
         chunk = max(1, DISTANCE_ELEMENTS_PER_CHUNK // self.size)

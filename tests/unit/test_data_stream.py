@@ -272,3 +272,16 @@ def test_missing_shard_file_is_a_user_error(tmp_path):
 def test_palette_channels_must_match_the_images(manifest):
     with pytest.raises(UserError, match="palette has 3 channel"):
         ShardLoader(config(manifest), "train", Palette(np.zeros((4, 3), dtype=np.float32)), 2)
+
+
+def test_reads_shards_written_by_data_shards(tmp_path):
+    writer = pytest.importorskip("data_shards.writer", reason="data_shards not importable (re-run pip install -e .)")
+    images = np.random.default_rng(0).integers(0, 256, size=(23, 8, 8, 3), dtype=np.uint8)
+    writer.write_shards(images, np.arange(23) % 4, tmp_path, "tiny", split="train", shard_size=10, mode="RGB")
+    palette = Palette(np.random.default_rng(1).uniform(0, 255, size=(8, 3)).astype(np.float32))
+    loader = ShardLoader(config(tmp_path, num_workers=2), "train", palette, 5, train=False)
+    batches = list(loader)
+    assert sum(len(b["key"]) for b in batches) == 23 and loader.bad_samples == {}
+    for batch in batches:
+        assert batch["pixels"].shape[1:] == (8, 8, 3)
+        assert np.array_equal(batch["tokens"].numpy(), palette.encode(batch["pixels"]).reshape(len(batch["key"]), -1).numpy())
