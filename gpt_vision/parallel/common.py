@@ -60,6 +60,8 @@ def guarded_update(
         flag = nonfinite.to(torch.float32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         nonfinite = flag > 0
+        # Report the step as the group saw it: a rank with a finite local norm still skipped.
+        total_norm = torch.where(nonfinite, torch.full_like(total_norm, float("inf")), total_norm)
     if grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_(params, grad_clip, total_norm)
     if optimizer.defaults.get("fused"):
