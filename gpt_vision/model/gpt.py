@@ -45,7 +45,8 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
+    """x * sigmoid(1.702 x), written as silu(1.702 x) / 1.702 to use silu's fused forward/backward kernels."""
+    return F.silu(x * 1.702) * (1 / 1.702)
 
 
 class KVCache:
