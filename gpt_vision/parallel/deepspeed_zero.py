@@ -237,9 +237,17 @@ class DeepSpeedStrategy(Strategy):
         return norm
 
     def save(self, directory: Path) -> None:
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
         root = Path(directory) / SUBDIR
+        # The version marker lets `ds_to_universal` convert these files for another world size.
+        client_state = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         # save_latest=False: our checkpoint manager owns `latest`, DeepSpeed's would mislead it.
-        self.engine.save_checkpoint(str(root), tag=TAG, save_latest=False)
+        self.engine.save_checkpoint(str(root), tag=TAG, client_state=client_state, save_latest=False)
         if self.rank == 0:
             layout = {"world_size": self.world_size, "zero_stage": self.stage}
             tmp = root / f"{LAYOUT_FILE}.tmp"
@@ -259,12 +267,24 @@ class DeepSpeedStrategy(Strategy):
         self._load_native(root / UNIVERSAL, TAG, universal=True)
 
     def _load_native(self, root: Path, tag: str, universal: bool) -> None:
+        # ZeRO-3's universal loader copies the first group's hyperparameters onto every group
+        # (the no-decay group would get weight decay), and gives every partition the *same*
+        # `step` tensor, which foreach AdamW then increments once per group. Our groups'
+        # settings come from config and each partition gets its own step counter.
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.engine.optimizer.param_groups]
         self.engine._config.load_universal_checkpoint = universal
         path, _ = self.engine.load_checkpoint(
             str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if path is None:
             raise UserError(f"DeepSpeed found no checkpoint in {root / tag}")
+        if universal:
+            for group, settings in zip(self.engine.optimizer.param_groups, groups, strict=True):
+                group.update(settings)
+            inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+            for state in inner.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
         self.engine.set_gradient_accumulation_boundary(True)
         self._state_linked = False
         self._link_optimizer_state()

@@ -86,19 +86,21 @@ def make_strategy(rank: int, world: int, stage: int, grad_accum: int, seed: int 
     strategy = DeepSpeedStrategy(
         ParallelConfig(strategy="deepspeed", zero_stage=stage, precision="fp32"), rank, world, rank
     )
-    strategy.setup(model(seed), optim_cfg(), MICRO_BATCH, grad_accum)
+    # The global batch is fixed; fewer ranks take bigger micro batches.
+    strategy.setup(model(seed), optim_cfg(), MICRO_BATCH * WORLD // world, grad_accum)
     return strategy
 
 
 def train_step(strategy, step: int, grad_accum: int, poison: bool = False):
     """One optimizer step on this rank's slices of the global batch; returns (global loss, result)."""
     batch = global_batch(step, grad_accum)
-    per_rank = MICRO_BATCH * grad_accum
+    per_rank = len(batch) // strategy.world_size
+    micro_batch = per_rank // grad_accum
     mine = batch[strategy.rank * per_rank:(strategy.rank + 1) * per_rank]
     total = torch.zeros(())
     for micro in range(grad_accum):
         with strategy.accumulate(micro == grad_accum - 1), strategy.autocast():
-            loss = strategy.module(mine[micro * MICRO_BATCH:(micro + 1) * MICRO_BATCH])
+            loss = strategy.module(mine[micro * micro_batch:(micro + 1) * micro_batch])
         if poison:
             loss = loss * float("nan")
         strategy.backward(loss)
@@ -149,7 +151,6 @@ def session(rank: int, world: int, stage: int, tmp: str) -> dict:
     ckpt = Path(tmp) / f"stage{stage}"
     # Uninterrupted run, checkpoint after SAVE_AT steps.
     strategy = make_strategy(rank, world, stage, grad_accum=1)
-    out["memory"] = local_state_bytes(strategy)
     losses = []
     for step in range(STEPS):
         if step == SAVE_AT:
@@ -161,6 +162,7 @@ def session(rank: int, world: int, stage: int, tmp: str) -> dict:
                 out["consolidated"] = consolidate_deepspeed(ckpt)
         losses.append(train_step(strategy, step, 1)[0])
     out["losses"] = losses
+    out["memory"] = local_state_bytes(strategy)
     del strategy
 
     # Resume into a differently initialized model: everything must come from the files.
@@ -199,7 +201,9 @@ def resume_on_one_rank(rank: int, world: int, stage: int, tmp: str) -> dict:
 
 
 def single_rank_memory(rank: int, world: int) -> int:
-    return local_state_bytes(make_strategy(rank, world, stage=3, grad_accum=1))
+    strategy = make_strategy(rank, world, stage=3, grad_accum=1)
+    train_step(strategy, 0, 1)
+    return local_state_bytes(strategy)
 
 
 # ----- tests --------------------------------------------------------------------------------
