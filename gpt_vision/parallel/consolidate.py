@@ -4,6 +4,7 @@ No process group is needed, and the world size that wrote the directory does not
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,5 +34,7 @@ def consolidate_dcp(directory: Path) -> dict[str, torch.Tensor]:
             model[key[len(_MODEL_PREFIX):]] = torch.empty(entry.size, dtype=entry.properties.dtype)
     if not model:
         raise UserError(f"{directory}: the DCP checkpoint holds no model tensors")
-    dcp.load({"model": model}, checkpoint_id=str(directory), no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that no process group exists: that is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": model}, checkpoint_id=str(directory), no_dist=True)
     return {common.clean_key(k): v.to(torch.float32) if v.is_floating_point() else v for k, v in model.items()}

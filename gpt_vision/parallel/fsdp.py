@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from gpt_vision.errors import UserError
@@ -44,9 +44,8 @@ class FSDPStrategy(Strategy):
             mesh=mesh,
             reshard_after_forward=self.cfg.fsdp_reshard_after_forward,
             mp_policy=MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32),
-            offload_policy=CPUOffloadPolicy() if self.cfg.fsdp_cpu_offload else None,
+            offload_policy=CPUOffloadPolicy() if self.cfg.fsdp_cpu_offload else OffloadPolicy(),
         )
-        options = {k: v for k, v in options.items() if v is not None}
         if not self.cfg.fsdp_cpu_offload:
             model = model.to(self.device)
         for block in model.blocks:
@@ -110,7 +109,8 @@ class FSDPStrategy(Strategy):
         state = get_model_state_dict(self._model, options=options)
         if self.rank != 0:
             return None
+        # A copy: on CPU at world size 1 the gathered tensors can alias the live parameters.
         return {
-            common.clean_key(k): v.to(torch.float32) if v.is_floating_point() else v
+            common.clean_key(k): (v.to(torch.float32) if v.is_floating_point() else v).clone()
             for k, v in state.items()
         }

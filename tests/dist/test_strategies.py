@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from torch.distributed.tensor import DTensor
 from multiproc import run_ranks
 from toymodel import global_batch, make_model
 
+from gpt_vision.errors import ConfigError
 from gpt_vision.parallel import ParallelConfig, build_strategy, load_consolidated
 from gpt_vision.train.config import OptimConfig
 
@@ -103,20 +106,23 @@ def run_round_trip(rank: int, world: int, name: str, directory: str):
     return mismatches, offline_mismatches, continued, resumed, len(saved)
 
 
-def run_fsdp_save(rank: int, world: int, directory: str):
-    strategy = build("fsdp", rank, world)
+def run_save_then_continue(rank: int, world: int, name: str, directory: str):
+    strategy = build(name, rank, world)
     for s in range(2):
         train_step(strategy, s, 1)
     strategy.save(Path(directory))
-    return strategy.full_state_dict()
-
-
-def run_fsdp_load(rank: int, world: int, directory: str):
-    strategy = build("fsdp", rank, world, seed=7)
-    strategy.load(Path(directory))
-    steps = {float(inner_optimizer(strategy).state[p]["step"]) for p in strategy.optimizer.state}
     full = strategy.full_state_dict()
-    return full, load_consolidated(Path(directory), "fsdp") if rank == 0 else None, steps
+    return full, [train_step(strategy, s, 1) for s in (2, 3)]
+
+
+def run_load_then_continue(rank: int, world: int, name: str, directory: str):
+    strategy = build(name, rank, world, seed=7)
+    strategy.load(Path(directory))
+    optimizer = inner_optimizer(strategy)
+    steps = {float(state["step"]) for state in optimizer.state.values()}
+    full = strategy.full_state_dict()
+    offline = load_consolidated(Path(directory), name) if rank == 0 else None
+    return full, offline, steps, [train_step(strategy, s, 1) for s in (2, 3)]
 
 
 def run_nonfinite(rank: int, world: int, name: str, implementation: str):
@@ -186,16 +192,19 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("save_world,load_world", [(2, 1), (1, 2)])
-def test_fsdp_checkpoint_reshards(save_world, load_world, tmp_path):
-    directory = str(tmp_path / "dcp")
-    saved = run_ranks(run_fsdp_save, save_world, directory)[0]
-    offline = load_consolidated(Path(directory), "fsdp")
-    assert exact_mismatches(saved, offline) == []
-    loaded = run_ranks(run_fsdp_load, load_world, directory)
-    full, offline_at_rank0, steps = loaded[0]
-    assert exact_mismatches(saved, full) == []
-    assert exact_mismatches(full, offline_at_rank0) == []
-    assert all(s == {2.0} for _, _, s in loaded)
+def test_checkpoints_resume_at_another_world_size(save_world, load_world, tmp_path):
+    """Weights exact after resharding, offline consolidation exact, and training continues as before."""
+    cases = [(name, str(tmp_path / name)) for name in DISTRIBUTED]
+    saved = run_ranks(run_cases, save_world, run_save_then_continue, cases)[0]
+    loaded = run_ranks(run_cases, load_world, run_load_then_continue, cases)
+    for i, name in enumerate(DISTRIBUTED):
+        saved_state, continued = saved[i]
+        full, offline, _, resumed = loaded[0][i]
+        assert exact_mismatches(saved_state, full) == [], name
+        assert exact_mismatches(full, offline) == [], name
+        assert exact_mismatches(full, load_consolidated(tmp_path / name, name)) == [], name
+        assert all(per_rank[i][2] == {2.0} for per_rank in loaded), f"{name}: AdamW step not restored"
+        _assert_close_losses(continued, resumed, f"{name} resumed at world {load_world}")
 
 
 def test_nonfinite_gradient_skips_step_on_every_rank():
@@ -219,3 +228,14 @@ def test_fsdp_halves_parameter_and_optimizer_memory():
     [single_bytes] = run_ranks(run_memory, 1)
     per_rank = run_ranks(run_memory, 2)
     assert max(per_rank) <= 0.55 * single_bytes, (per_rank, single_bytes)
+
+
+def test_importing_the_registry_loads_no_backend():
+    code = "import sys, gpt_vision.parallel; print(sorted({'deepspeed', 'fairscale'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_unknown_strategy_names_the_choices(tmp_path):
+    with pytest.raises(ConfigError, match="unknown strategy 'zero9'.*fsdp"):
+        load_consolidated(tmp_path, "zero9")
