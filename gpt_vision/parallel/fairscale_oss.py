@@ -6,7 +6,8 @@ and OSS broadcasts the new weights. Checkpoints use the same `model.safetensors`
 files as single/ddp: `OSS.consolidate_state_dict` gathers the optimizer state on rank 0 in the
 global (unsharded) layout, which OSS re-partitions on load at any world size.
 
-fairscale 0.4.13 runs as is on torch 2.13 (CPU/gloo and CUDA/NCCL) for this use.
+fairscale 0.4.13 needs no workaround on torch 2.13 for this use (verified on CPU/gloo by
+tests/dist/test_strategies.py; CUDA/NCCL not exercised there).
 fairscale's own FullyShardedDataParallel is not offered: it needs CUDA and is superseded by
 torch FSDP2, which the `fsdp` strategy provides.
 """

@@ -3,8 +3,9 @@
 Each block of `model.blocks` is its own FSDP unit (all-gathered just in time, freed after use
 when `fsdp_reshard_after_forward`), then the root takes the rest (embeddings, norm, head).
 Checkpoints are torch.distributed.checkpoint (DCP) directories: every rank writes its shards,
-and DCP reshards on load, so a run saved at N ranks resumes at M. `gpt_vision.parallel.consolidate.consolidate_dcp` reads the
-full model back in one process without a process group (export, fine-tune).
+and DCP reshards on load, so a run saved at N ranks resumes at M.
+`gpt_vision.parallel.consolidate.consolidate_dcp` reads the full model back in one process,
+without a process group (export, fine-tune).
 """
 from __future__ import annotations
 
