@@ -166,15 +166,20 @@ class DeepSpeedStrategy(Strategy):
         )
         optimizer_cls = _GuardedAdamW if self.stage == 0 else torch.optim.AdamW
         optimizer = optimizer_cls(param_groups(model, optim_cfg), **adamw_kwargs(optim_cfg, self.device))
-        self._model = model
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+        self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
         self.engine.set_gradient_accumulation_boundary(True)
         self._state_linked = False
 
     def _ensure_process_group(self) -> None:
-        """DeepSpeed needs a process group; a single process gets an in-memory group of one."""
+        """DeepSpeed needs a process group; a single process gets an in-memory group of one.
+
+        DeepSpeed also reads RANK/WORLD_SIZE/LOCAL_RANK from the environment, which launchers
+        (and `gpt_vision.distributed`) export; a plain `python` run has none, so we fill them in.
+        """
+        for name, value in (("RANK", self.rank), ("WORLD_SIZE", self.world_size), ("LOCAL_RANK", self.local_rank)):
+            os.environ.setdefault(name, str(value))
         if torch.distributed.is_initialized():
             return
         if self.world_size > 1:
@@ -203,7 +208,7 @@ class DeepSpeedStrategy(Strategy):
         set_lr(self.engine.optimizer, lr)
         stage0_norm = self._stage0_grad_norm() if self.stage == 0 else None
         self.engine.step()
-        skipped = bool(getattr(self.engine.optimizer, "overflow", False))
+        skipped = any(getattr(opt, "overflow", False) for opt in (self.engine.optimizer, self._torch_optimizer))
         if not skipped:
             self._link_optimizer_state()
         if stage0_norm is not None:
@@ -212,6 +217,11 @@ class DeepSpeedStrategy(Strategy):
             reported = self.engine.get_global_grad_norm()
             norm = float("inf") if reported is None else float(reported)
         return StepResult(grad_norm=torch.tensor(norm), skipped=torch.tensor(skipped))
+
+    @property
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        """Our AdamW, inside whatever DeepSpeed wrapped it in (ZeRO or its bf16 optimizer)."""
+        return getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
 
     def _link_optimizer_state(self) -> None:
         """Point each parameter's ZeRO 1/2 fragment at the optimizer's current moments.
@@ -233,7 +243,7 @@ class DeepSpeedStrategy(Strategy):
         """Stage 0 gradients are already all-reduced (identical on all ranks): norm them here."""
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        self.engine.optimizer.skip_next = not math.isfinite(norm)
+        self._torch_optimizer.skip_next = not math.isfinite(norm)
         return norm
 
     def save(self, directory: Path) -> None:
@@ -281,8 +291,7 @@ class DeepSpeedStrategy(Strategy):
         if universal:
             for group, settings in zip(self.engine.optimizer.param_groups, groups, strict=True):
                 group.update(settings)
-            inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
-            for state in inner.state.values():
+            for state in self._torch_optimizer.state.values():
                 if torch.is_tensor(state.get("step")):
                     state["step"] = state["step"].clone()
         self.engine.set_gradient_accumulation_boundary(True)

@@ -80,12 +80,11 @@ def reference_losses(grad_accum: int, steps: int = STEPS) -> list[float]:
 
 # ----- what runs inside the ranks -------------------------------------------------------------
 
-def make_strategy(rank: int, world: int, stage: int, grad_accum: int, seed: int = SEED):
+def make_strategy(rank: int, world: int, stage: int, grad_accum: int, seed: int = SEED, **offload):
     from gpt_vision.parallel.deepspeed_zero import DeepSpeedStrategy
 
-    strategy = DeepSpeedStrategy(
-        ParallelConfig(strategy="deepspeed", zero_stage=stage, precision="fp32"), rank, world, rank
-    )
+    cfg = ParallelConfig(strategy="deepspeed", zero_stage=stage, precision="fp32", **offload)
+    strategy = DeepSpeedStrategy(cfg, rank, world, rank)
     # The global batch is fixed; fewer ranks take bigger micro batches.
     strategy.setup(model(seed), optim_cfg(), MICRO_BATCH * WORLD // world, grad_accum)
     return strategy
@@ -206,6 +205,14 @@ def single_rank_memory(rank: int, world: int) -> int:
     return local_state_bytes(strategy)
 
 
+def offloaded_losses(rank: int, world: int) -> dict[str, list[float]]:
+    out = {}
+    for stage, offload in ((2, dict(offload_optimizer=True)), (3, dict(offload_optimizer=True, offload_params=True))):
+        strategy = make_strategy(rank, world, stage, grad_accum=1, **offload)
+        out[f"stage{stage}"] = [train_step(strategy, step, 1)[0] for step in range(STEPS)]
+    return out
+
+
 # ----- tests --------------------------------------------------------------------------------
 
 STAGES = (0, 1, 2, 3)
@@ -277,6 +284,13 @@ def test_zero3_memory_per_rank_is_at_most_55_percent_of_one_rank(sessions):
     _, results = sessions
     single = run_ranks(single_rank_memory, 1, timeout=600)[0]
     assert results[3]["memory"] <= 0.55 * single, (results[3]["memory"], single)
+
+
+@pytest.mark.slow
+def test_cpu_offload_matches_plain_torch_adamw():
+    expected = reference_losses(grad_accum=1)
+    for losses in run_ranks(offloaded_losses, 1, timeout=600)[0].values():
+        assert_close(losses, expected, rel=1e-5)
 
 
 def test_conflicting_deepspeed_json_names_the_key(tmp_path):
