@@ -1,0 +1,102 @@
+"""Frozen-backbone features for linear probes: one pass over a split, every requested layer at once,
+average-pooled over positions and cached on disk as float16 `.npy`.
+
+A cache entry is a folder named by a digest of what determines the features (the weights, the
+palette, the split and its shards, the eval-time transform, the layers, the attention), so a
+repeated probe on the same init reads the features back instead of running the backbone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt_vision.data.stream import ShardLoader
+from gpt_vision.model import feature_inputs
+from gpt_vision.model.gpt import GPT
+from gpt_vision.tasks.classify import autocast, state_checksum, to_device
+
+FEATURES_FILE = "features.npy"
+
+
+@dataclass
+class Features:
+    features: np.ndarray  # float16 [N, layers, d]
+    labels: np.ndarray  # int64 [N]
+    keys: np.ndarray  # str [N]
+    layers: list[int]
+
+
+@torch.no_grad()
+def extract_features(model: GPT, loader: ShardLoader, layers: list[int], attention: str | None,
+                     device: torch.device, progress=None) -> Features:
+    """Mean-pooled outputs of `layers` for every sample of the loader (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    chunks, labels, keys = [], [], []
+    try:
+        for batch in loader:
+            batch = to_device(batch, device)
+            with autocast(device):
+                outs = model.features(feature_inputs(model.config, batch), layers, pool="mean", attention=attention)
+            chunks.append(torch.stack(outs, dim=1).to(torch.float16).cpu().numpy())
+            labels.append(batch["label"].cpu().numpy())
+            keys.extend(batch["key"])
+            if progress is not None:
+                progress.update(len(batch["key"]))
+    finally:
+        model.train(was_training)
+    return Features(np.concatenate(chunks), np.concatenate(labels), np.asarray(keys), list(layers))
+
+
+def cache_key(model: GPT, palette_centroids: np.ndarray, loader: ShardLoader, layers: list[int],
+              attention: str | None) -> str:
+    """Digest of everything the features depend on."""
+    spec = loader._spec
+    doc = {
+        "weights": state_checksum(model),
+        "model": dataclasses.asdict(model.config),
+        "palette": hashlib.sha256(np.ascontiguousarray(palette_centroids).tobytes()).hexdigest(),
+        "manifest": loader.manifest.location,
+        "split": loader.split,
+        "shards": [(s.url, s.num_samples) for s in spec.shards],
+        "transform": repr(vars(spec.transform.cfg)) if spec.transform is not None else None,
+        "layers": list(layers),
+        "attention": attention,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def cached_features(cache_dir: Path, model: GPT, palette_centroids: np.ndarray, loader: ShardLoader,
+                    layers: list[int], attention: str | None, device: torch.device, progress=None
+                    ) -> tuple[Features, bool]:
+    """Features from the cache, or extracted and stored there; returns (features, was_cached)."""
+    entry = Path(cache_dir) / cache_key(model, palette_centroids, loader, layers, attention)
+    if (entry / FEATURES_FILE).is_file():
+        features = np.load(entry / FEATURES_FILE, allow_pickle=False)
+        labels = np.load(entry / "labels.npy", allow_pickle=False)
+        keys = np.load(entry / "keys.npy", allow_pickle=False)
+        return Features(features, labels, keys, list(layers)), True
+    result = extract_features(model, loader, layers, attention, device, progress)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        np.save(staging / "labels.npy", result.labels, allow_pickle=False)
+        np.save(staging / "keys.npy", result.keys, allow_pickle=False)
+        (staging / "meta.json").write_text(json.dumps({"split": loader.split, "layers": list(layers),
+                                                       "samples": int(len(result.labels))}))
+        np.save(staging / FEATURES_FILE, result.features, allow_pickle=False)  # last: marks the entry complete
+        os.replace(staging, entry)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (entry / FEATURES_FILE).is_file():  # another run may have stored the same entry first
+            raise
+    return result, False

@@ -1,0 +1,47 @@
+"""`launch/finetune.py --config configs/finetune/X.yaml init=PATH [key=value ...]`: one process,
+one GPU or the CPU; dispatches on task.kind and prints a one-line summary."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from gpt_vision.config import load_config
+from gpt_vision.tasks.finetune_config import FinetuneConfig
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    """Run the configured task; returns what was written to results.json."""
+    from gpt_vision.tasks import classify
+
+    if cfg.task.kind == "distill":
+        from gpt_vision.tasks.distill import run_distill
+
+        out = classify.prepare_output_dir(cfg)
+        return run_distill(cfg, out)
+    backbone = classify.load_backbone(cfg)
+    out = classify.prepare_output_dir(cfg)
+    if cfg.task.kind == "linear_probe":
+        from gpt_vision.tasks.probe import run_linear_probe
+
+        return run_linear_probe(cfg, backbone, out)
+    if cfg.task.kind == "attentive_probe":
+        from gpt_vision.tasks.probe import run_attentive_probe
+
+        return run_attentive_probe(cfg, backbone, out)
+    from gpt_vision.tasks.finetune import run_finetune
+
+    return run_finetune(cfg, backbone, out)
+
+
+def main(argv: list[str] | None, prog: str) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Probe, fine-tune or distill a pretrained image GPT.")
+    parser.add_argument("--config", help="YAML config (e.g. configs/finetune/linear_probe.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. init=runs/x output_dir=out/probe")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    results = run(cfg)
+    layer = f" layer {results['chosen_layer']}" if results.get("chosen_layer") is not None else ""
+    print(f"{cfg.task.kind}{layer}: top1 {results['top1']:.4f} top5 {results['top5']:.4f} "
+          f"({results['samples']} test samples, {results['wall_time_s']:.0f}s) -> {cfg.output_dir}", flush=True)
+    return 0

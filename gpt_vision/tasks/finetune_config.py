@@ -1,0 +1,159 @@
+"""Config of `launch/finetune.py`: the root `FinetuneConfig` and the sections the tasks own.
+
+The backbone's shape and palette are never configured here: they come from `init` (or, for
+distillation, from the teacher), and the data sections are checked against them at start.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from gpt_vision.data.config import DataConfig, TokenizerConfig
+from gpt_vision.errors import ConfigError
+from gpt_vision.train.config import LoggingConfig, OptimConfig, ScheduleConfig
+
+TaskKind = Literal["linear_probe", "attentive_probe", "finetune", "distill"]
+
+
+@dataclass
+class TaskConfig:
+    """What is trained on top of the backbone, and from which of its layers."""
+
+    kind: TaskKind = "linear_probe"
+    # "auto": linear_probe sweeps every layer (picked on a validation split carved from train);
+    # attentive_probe and finetune use the last layer. A list of block indices (negative from the
+    # end): linear_probe sweeps them (or concatenates them with concat), the others take one.
+    layers: list[int] | str = "auto"
+    concat: bool = False
+    # Fraction of the training split held out (seeded) to choose the probe's layer.
+    val_fraction: float = 0.1
+    # Attention of the frozen/fine-tuned backbone when extracting features; "" = the objective's own.
+    attention: Literal["", "causal", "bidirectional"] = ""
+    attentive_heads: int = 4
+    label_smoothing: float = 0.0
+    # finetune: total loss = CE(class) + generative_weight * pretraining objective (iGPT: both).
+    generative_weight: float = 0.0
+    # finetune: the LR of block i is lr * layer_decay ** (depth - i); 1.0 = no decay.
+    layer_decay: float = 1.0
+    head_dropout: float = 0.0
+
+    def check(self) -> None:
+        if isinstance(self.layers, str) and self.layers != "auto":
+            raise ConfigError("layers", f"must be 'auto' or a list of layer indices, got {self.layers!r}")
+        if isinstance(self.layers, list) and not self.layers:
+            raise ConfigError("layers", "is an empty list (use 'auto' or name at least one layer)")
+        single = self.kind in ("attentive_probe", "finetune")
+        if single and isinstance(self.layers, list) and len(self.layers) != 1:
+            raise ConfigError("layers", f"{self.kind} uses one layer, got {self.layers}")
+        if self.concat and (self.kind != "linear_probe" or not isinstance(self.layers, list)):
+            raise ConfigError("concat", "needs kind=linear_probe and an explicit list of layers")
+        if not 0.0 <= self.val_fraction < 0.9:
+            raise ConfigError("val_fraction", f"must be in [0, 0.9), got {self.val_fraction}")
+        if self.attentive_heads < 1:
+            raise ConfigError("attentive_heads", f"must be >= 1, got {self.attentive_heads}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        if self.generative_weight < 0:
+            raise ConfigError("generative_weight", f"must be >= 0, got {self.generative_weight}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError("layer_decay", f"must be in (0, 1], got {self.layer_decay}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ConfigError("head_dropout", f"must be in [0, 1), got {self.head_dropout}")
+
+
+@dataclass
+class FinetuneTrainConfig:
+    """Steps, not epochs: a probe on cached features counts steps over the in-memory features."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    log_every: int = 20
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "eval_batch_size", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class StudentConfig:
+    """The distillation student; a preset fills the shape fields left at 0 (see model/student.py)."""
+
+    preset: str = "gpt-student-tiny"
+    n_layer: int = 0
+    n_embd: int = 0
+    n_head: int = 0
+    patch_size: int = 0
+    distillation_token: bool = True
+    # A student may hold at most this fraction of the teacher's parameters.
+    max_param_ratio: float = 0.25
+
+    def check(self) -> None:
+        for name in ("n_layer", "n_embd", "n_head", "patch_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0 (0 = from the preset), got {getattr(self, name)}")
+        if not 0.0 < self.max_param_ratio <= 1.0:
+            raise ConfigError("max_param_ratio", f"must be in (0, 1], got {self.max_param_ratio}")
+
+
+@dataclass
+class DistillConfig:
+    # A finetune output directory (model.safetensors + classifier.yaml + palette.npy).
+    teacher: str = ""
+    mode: Literal["soft", "hard"] = "soft"
+    temperature: float = 3.0
+    # Weight of the distillation term; the label cross-entropy gets 1 - alpha.
+    alpha: float = 0.5
+    # Reuse teacher logits per sample key (only without random augmentation, where views repeat).
+    cache_teacher_logits: bool = True
+    # Also train the same student from labels only, for comparison.
+    labels_only_baseline: bool = True
+
+    def check(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError("alpha", f"must be in [0, 1], got {self.alpha}")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything `launch/finetune.py` needs; written resolved into the output directory."""
+
+    # A step dir, a run dir, an export dir or a local HF ImageGPT dir (not used by distill).
+    init: str = ""
+    output_dir: str = ""
+    overwrite: bool = False
+    # Where linear-probe features are cached; "" = <output_dir>/feature_cache.
+    feature_cache: str = ""
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # Only `path` is read: the palette for HF ImageGPT inits, or a cross-check of the checkpoint's.
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir", "is required (results, predictions and the trained head go there)")
+        if self.task.kind == "distill":
+            if not self.distill.teacher:
+                raise ConfigError("distill.teacher", "is required for task.kind=distill (a finetune output directory)")
+            if self.init:
+                raise ConfigError("init", "is not used by distill (the student starts from scratch; set distill.teacher)")
+        elif not self.init:
+            raise ConfigError("init", "is required: a step dir, run dir, export dir or HF ImageGPT dir")
+        if self.schedule.warmup_steps > self.train.steps:
+            raise ConfigError("schedule.warmup_steps", f"{self.schedule.warmup_steps} exceeds train.steps={self.train.steps}")
+
+    @property
+    def feature_cache_dir(self) -> Path:
+        return Path(self.feature_cache) if self.feature_cache else Path(self.output_dir) / "feature_cache"
