@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,15 @@ class CheckpointConfig:
             raise ConfigError("every", f"must be positive, got {self.every}")
         if self.keep_last < 1:
             raise ConfigError("keep_last", f"must be >= 1 (the newest complete step is always kept), got {self.keep_last}")
+
+
+def _test_kill_point(point: str, rank: int, step: int) -> None:
+    """Reliability-drill hook: `GPTV_TEST_KILL_IN_SAVE=<point>:<rank>[:<step>]` SIGKILLs this
+    process at that named point of `save`/`prune` (points: shards, rank_state, meta, marker,
+    latest, prune), to prove a save killed anywhere never yields a loadable partial step."""
+    wanted = os.environ.get("GPTV_TEST_KILL_IN_SAVE")
+    if wanted and wanted in (f"{point}:{rank}", f"{point}:{rank}:{step}"):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def step_dir_name(step: int) -> str:
@@ -162,7 +172,9 @@ class CheckpointManager:
         if is_complete(step_dir):
             return step_dir
         strategy.save(step_dir)
+        _test_kill_point("shards", strategy.rank, step)
         write_atomic(step_dir / f"rank-{strategy.rank:05d}.json", json.dumps(rank_state))
+        _test_kill_point("rank_state", strategy.rank, step)
         strategy.barrier()
         if strategy.rank == 0:
             for name, data in (files or {}).items():
@@ -171,17 +183,21 @@ class CheckpointManager:
                              save_seconds=round(time.perf_counter() - started, 3))
             write_atomic(step_dir / META_FILE, json.dumps(full_meta, indent=1))
             _fsync_dir(step_dir)
+            _test_kill_point("meta", strategy.rank, step)
             write_atomic(step_dir / COMMIT_MARKER, f"{step}\n")
             _fsync_dir(step_dir)
+            _test_kill_point("marker", strategy.rank, step)
             write_atomic(self.root / LATEST_FILE, step_dir.name + "\n")
-            self.prune()
+            _test_kill_point("latest", strategy.rank, step)
+            self.prune(step)
         strategy.barrier()
         return step_dir
 
-    def prune(self) -> None:
+    def prune(self, step: int = -1) -> None:
         """Delete complete steps beyond `keep_last`; un-commit first so a kill mid-delete is harmless."""
         for old in complete_steps(self.root)[: -self.cfg.keep_last]:
             (old / COMMIT_MARKER).unlink()
+            _test_kill_point("prune", self.strategy.rank, step)
             shutil.rmtree(old, ignore_errors=True)
 
     def latest(self) -> Path | None:
