@@ -1,7 +1,9 @@
 """The training loop, written once: it sees a Strategy, an objective and a loader, never a backend."""
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,16 @@ def step_generator(seed: int, step: int, rank: int, micro: int, device: torch.de
     gen = torch.Generator(device=device)
     gen.manual_seed((seed * 1_000_003 + step * 10_007 + rank * 101 + micro) % (2**63 - 1))
     return gen
+
+
+def record_batch_keys(step: int, micro: int, rank: int, batch: dict) -> None:
+    """Debug hook (reliability drills): with `GPTV_DEBUG_BATCH_KEYS=<dir>` each rank appends the
+    sample keys it consumes to `<dir>/keys-rank<r>.jsonl`, to prove resume neither repeats nor
+    skips a sample."""
+    directory = os.environ.get("GPTV_DEBUG_BATCH_KEYS")
+    if directory:
+        with open(Path(directory) / f"keys-rank{rank}.jsonl", "a") as handle:
+            handle.write(json.dumps({"step": step, "micro": micro, "keys": batch.get("key", [])}) + "\n")
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -139,6 +151,7 @@ class Trainer:
             loss_sum = torch.zeros((), device=strategy.device)
             for micro in range(cfg.grad_accum):
                 batch = to_device(next(batches), strategy.device)
+                record_batch_keys(step, micro, strategy.rank, batch)
                 generator = step_generator(self.seed, step, strategy.rank, micro, torch.device("cpu"))
                 with strategy.accumulate(micro == cfg.grad_accum - 1), strategy.autocast():
                     loss, _stats = self.objective(strategy.module, batch, generator)
