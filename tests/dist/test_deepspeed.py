@@ -16,51 +16,28 @@ from gpt_vision.errors import ConfigError
 from gpt_vision.parallel.config import ParallelConfig
 from gpt_vision.train.config import OptimConfig
 from gpt_vision.train.optim import adamw_kwargs, param_groups
-from tests.dist.multiproc import run_ranks
+from multiproc import run_ranks
+from toymodel import global_batch as toy_batch
+from toymodel import make_model
 
 pytestmark = pytest.mark.distributed
 
-VOCAB, SEQ, WIDTH, DEPTH = 32, 8, 16, 2
 MICRO_BATCH, WORLD = 2, 2
 STEPS, SAVE_AT = 5, 3
 LR = 1e-2
 SEED = 1234
 
 
-class ToyGPT(nn.Module):
-    """Token + position embeddings, pre-norm MLP blocks, untied head: GPT's parameter kinds."""
-
-    def __init__(self):
-        super().__init__()
-        self.wte = nn.Embedding(VOCAB, WIDTH)
-        self.wpe = nn.Parameter(torch.randn(SEQ, WIDTH) * 0.02)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(WIDTH), nn.Linear(WIDTH, 4 * WIDTH), nn.GELU(), nn.Linear(4 * WIDTH, WIDTH))
-            for _ in range(DEPTH)
-        )
-        self.ln_f = nn.LayerNorm(WIDTH)
-        self.head = nn.Linear(WIDTH, VOCAB, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.wte(tokens) + self.wpe
-        for block in self.blocks:
-            x = x + block(x)
-        logits = self.head(self.ln_f(x))
-        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
-
-
-def optim_cfg(grad_clip: float = 1.0) -> OptimConfig:
-    return OptimConfig(lr=LR, weight_decay=0.1, grad_clip=grad_clip)
+def optim_cfg() -> OptimConfig:
+    return OptimConfig(lr=LR, weight_decay=0.1, grad_clip=1.0)
 
 
 def global_batch(step: int, grad_accum: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(SEED + step)
-    return torch.randint(0, VOCAB, (WORLD * MICRO_BATCH * grad_accum, SEQ), generator=g)
+    return toy_batch(step, WORLD * MICRO_BATCH * grad_accum)
 
 
-def model(seed: int = SEED) -> ToyGPT:
-    torch.manual_seed(seed)
-    return ToyGPT()
+def model(seed: int = SEED) -> nn.Module:
+    return make_model(seed)
 
 
 def reference_losses(grad_accum: int, steps: int = STEPS) -> list[float]:
