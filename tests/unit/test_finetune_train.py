@@ -1,0 +1,141 @@
+"""Full fine-tuning and distillation on brightness-bucket shards: losses fall, the teacher stays
+frozen, the distillation token is used at inference, and results.json matches predictions.npz."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from finetune_fixtures import finetune_overrides, random_init_export, write_brightness_shards
+from gpt_vision.config import load_config
+from gpt_vision.errors import UserError
+from gpt_vision.model.student import Student, resolve_student
+from gpt_vision.tasks import classify
+from gpt_vision.tasks.finetune import layer_decay_groups, load_finetuned
+from gpt_vision.tasks.finetune_cli import run
+from gpt_vision.tasks.finetune_config import FinetuneConfig
+
+RESULT_KEYS = {"top1", "top5", "per_class", "chosen_layer", "per_layer", "parameters", "wall_time_s", "init"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    manifest = write_brightness_shards(root / "shards")
+    init = random_init_export(manifest, root / "random-init", n_layer=2, n_embd=64)
+    cfg = load_config(FinetuneConfig, None, finetune_overrides(
+        manifest, root / "teacher", f"init={init}", "task.kind=finetune", "train.steps=40", "train.batch_size=16",
+        "optim.lr=2e-3", "task.generative_weight=0.5", "task.layer_decay=0.8", "task.label_smoothing=0.1",
+        "data.augment.flip=true"))
+    return manifest, root / "teacher", run(cfg)
+
+
+def recomputed(out, num_classes=3):
+    saved = json.loads((out / "results.json").read_text())
+    predictions = np.load(out / "predictions.npz")
+    again = classify.classification_metrics(predictions["labels"], predictions["logits"], num_classes)
+    return saved, again, predictions
+
+
+def mean_losses(out, tag):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == tag]
+
+
+def test_finetune_learns_and_reports_consistently(setup):
+    manifest, out, results = setup
+    assert RESULT_KEYS <= set(results)
+    assert results["final_train_loss"] < results["first_train_loss"]
+    losses = mean_losses(out, "finetune")
+    assert np.mean(losses[-3:]) < np.mean(losses[:2])
+    assert results["top1"] >= 0.8
+    saved, again, predictions = recomputed(out)
+    assert again["top1"] == saved["top1"] and again["top5"] == saved["top5"]
+    assert again["per_class"] == saved["per_class"] and again["confusion"] == saved["confusion"]
+    assert sorted(predictions["keys"].tolist()) == sorted(set(predictions["keys"].tolist())) and saved["samples"] == 90
+    assert saved["parameters"]["trainable"] == saved["parameters"]["backbone"] + saved["parameters"]["head"]
+
+
+def test_finetune_output_reloads_as_the_same_classifier(setup):
+    manifest, out, _ = setup
+    classifier, palette, described = load_finetuned(out)
+    assert described["kind"] == "finetune" and described["num_classes"] == 3
+    classifier.eval()
+    data = load_config(FinetuneConfig, None, finetune_overrides(manifest, out, "init=x")).data
+    loader = classify.ShardLoader(data, "test", palette, 32, train=False)
+    keys, labels, logits = classify.predict(classifier, loader, torch.device("cpu"))
+    predictions = np.load(out / "predictions.npz")
+    assert keys == predictions["keys"].tolist()
+    np.testing.assert_allclose(logits, predictions["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_layer_decay_scales_by_depth(setup):
+    _, out, _ = setup
+    classifier, _, _ = load_finetuned(out)
+    cfg = load_config(FinetuneConfig, None, ["init=x", "output_dir=y", "data.manifest=m", "task.layer_decay=0.5"])
+    scale = {}
+    for group in layer_decay_groups(classifier, cfg):
+        for p in group["params"]:
+            scale[id(p)] = group["lr_scale"]
+    names = dict(classifier.named_parameters())
+    assert scale[id(names["head.weight"])] == 1.0
+    assert scale[id(names["backbone.blocks.1.attn.c_attn.weight"])] == 0.5
+    assert scale[id(names["backbone.blocks.0.attn.c_attn.weight"])] == 0.25
+    assert scale[id(names["backbone.wte.weight"])] == 0.125
+    assert len(scale) == sum(1 for _ in classifier.parameters())
+
+
+@pytest.mark.parametrize("mode,preset", [("hard", "gpt-student-tiny"), ("soft", "vit-tiny")])
+def test_distill_modes(setup, tmp_path, mode, preset):
+    manifest, teacher_dir, _ = setup
+    teacher_before = classify.state_checksum(load_finetuned(teacher_dir)[0])
+    out = tmp_path / mode
+    cfg = load_config(FinetuneConfig, None, finetune_overrides(
+        manifest, out, "task.kind=distill", f"distill.teacher={teacher_dir}", f"distill.mode={mode}",
+        f"student.preset={preset}", "student.n_embd=16", "student.n_head=2", "student.n_layer=1",
+        "train.steps=30", "train.batch_size=16", "optim.lr=3e-3"))
+    results = run(cfg)
+    assert classify.state_checksum(load_finetuned(teacher_dir)[0]) == teacher_before == results["teacher_checksum"]
+    assert results["final_train_loss"] < results["first_train_loss"]
+    assert results["parameters"]["ratio"] <= 0.25
+    assert {"labels_only", "teacher", "mode"} <= set(results) and RESULT_KEYS <= set(results)
+    assert results["teacher_logit_cache_hits"] > 0  # no random augmentation: views repeat, logits are reused
+    saved, again, predictions = recomputed(out)
+    assert again["top1"] == saved["top1"] and again["per_class"] == saved["per_class"]
+    teacher_again = classify.classification_metrics(predictions["labels"], predictions["teacher_logits"], 3)
+    assert teacher_again["top1"] == saved["teacher"]["top1"]
+    # inference averages the class and distillation heads
+    assert not np.allclose(predictions["logits"], predictions["class_head_logits"])
+
+
+def test_distillation_token_is_used_at_inference():
+    from gpt_vision.model import ModelConfig
+
+    data = ModelConfig(n_layer=1, n_embd=16, n_head=2, vocab_size=8, image_size=8).resolved()
+    torch.manual_seed(0)
+    student = Student(resolve_student("gpt-student-tiny", n_embd=16), data, 3).eval()
+    batch = {"tokens": torch.randint(0, 8, (4, 64)), "pixels": torch.zeros(4, 8, 8, 1, dtype=torch.uint8)}
+    with torch.no_grad():
+        cls, dist = student(batch)
+        torch.testing.assert_close(student.predict(batch), (cls + dist) / 2)
+        before = student.predict(batch).clone()
+        student.dist_head.weight.zero_()
+        student.dist_head.bias.zero_()
+        assert not torch.allclose(student.predict(batch), before)
+        torch.testing.assert_close(student.predict(batch), cls / 2)
+
+
+def test_student_larger_than_a_quarter_of_the_teacher_is_refused(setup, tmp_path):
+    manifest, teacher_dir, _ = setup
+    cfg = load_config(FinetuneConfig, None, finetune_overrides(
+        manifest, tmp_path / "out", "task.kind=distill", f"distill.teacher={teacher_dir}",
+        "student.preset=gpt-student-small", "train.steps=5"))
+    with pytest.raises(UserError, match="max_param_ratio"):
+        run(cfg)
+
+
+def test_a_probe_output_is_not_a_teacher(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "classifier.yaml").write_text("kind: linear_probe\n")
+    with pytest.raises(UserError, match="finetune output"):
+        load_finetuned(tmp_path)
