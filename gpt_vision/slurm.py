@@ -169,6 +169,8 @@ class TrainingJob(Checkpointable):
         submitit_handler = signal.getsignal(usr_sig)
         preemption.install_handlers((usr_sig, signal.SIGUSR1, signal.SIGTERM))
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        if os.environ.get("SLURM_CPUS_PER_TASK"):  # before torch loads: no more threads than CPUs
+            os.environ.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
         code = _entry_points()[self.task](self.argv)
         outcome = JobOutcome(self.task, job_env.global_rank, code, code == EXIT_PREEMPTED, restarts)
         if code == 0 or code == EXIT_PREEMPTED and restarts >= self.max_requeues:
@@ -326,7 +328,7 @@ def submit_main(argv: list[str] | None = None) -> int:
     for job in jobs:
         try:
             job.results()
-            print(f"job {job.job_id}: {job.state}", flush=True)
+            print(f"job {job.job_id}: finished", flush=True)
         except Exception as exc:  # a job's own failure, reported per job
             failed += 1
             print(f"job {job.job_id}: {job.state}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}",
