@@ -124,14 +124,21 @@ def read_model_file(directory: Path) -> dict[str, torch.Tensor]:
     path = Path(directory) / MODEL_FILE
     if not path.is_file():
         raise UserError(f"{path} is missing: not a checkpoint written by the single/ddp/fairscale strategies")
-    return load_file(str(path), device="cpu")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as error:  # safetensors reports a damaged or foreign file with its own error types
+        raise UserError(f"{path} is not a readable safetensors file: {error}") from None
 
 
 def read_optimizer_file(directory: Path) -> dict:
     path = Path(directory) / OPTIMIZER_FILE
     if not path.is_file():
         raise UserError(f"{path} is missing: the checkpoint has no optimizer state")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # weights_only refuses pickled code; damage raises too
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path} is not a loadable optimizer state (only tensors and plain data are accepted): {first}") from None
 
 
 def load_model_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
