@@ -1,0 +1,38 @@
+"""In-process pretraining runs for drills that need no kill (faster than a subprocess)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gpt_vision.config import PretrainConfig, load_config
+from gpt_vision.distributed import DistEnv
+from gpt_vision.export import load_pretrained
+from gpt_vision.tasks.pretrain import run_pretraining
+from gpt_vision.train import preemption
+from toydata import tiny_overrides
+
+SINGLE = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",
+                 master_port=29500, launcher="python")
+
+
+def pretrain(manifest: Path, run_dir: Path, *extra: str, env: DistEnv = SINGLE, fault_injector=None):
+    cfg = load_config(PretrainConfig, None, tiny_overrides(manifest, run_dir, "deterministic=true", *extra))
+    preemption.clear()
+    return run_pretraining(cfg, env, fault_injector=fault_injector)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_pretrained(path).model.state_dict()
+
+
+def differing_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    """Names whose tensors are not bitwise equal (or exist on one side only)."""
+    return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not torch.equal(a[k], b[k]))
+
+
+def first_difference(a: dict[int, float], b: dict[int, float]) -> int | None:
+    for step in sorted(a.keys() | b.keys()):
+        if a.get(step) != b.get(step):
+            return step
+    return None
