@@ -3,6 +3,8 @@ a tiny pretrained checkpoint made by the real pretraining, and config overrides 
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 from data_shards.writer import write_shards
 from gpt_vision.config import PretrainConfig, load_config
@@ -14,6 +16,15 @@ SINGLE = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_
                  master_port=29500, launcher="python")
 CLASSES = 3
 SIZE = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: tiny models on a shared 2-core machine run many times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def brightness_images(count: int, seed: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +67,6 @@ def random_init_export(manifest: Path, out: Path, n_layer: int = 2, n_embd: int 
     """An export (model.safetensors + config.yaml + palette.npy) of a randomly initialized GPT."""
     import dataclasses
 
-    import torch
     import yaml
     from safetensors.torch import save_file
 

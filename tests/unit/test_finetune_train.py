@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from finetune_fixtures import finetune_overrides, random_init_export, write_brightness_shards
+from finetune_fixtures import one_thread, finetune_overrides, random_init_export, write_brightness_shards  # noqa: F401
 from gpt_vision.config import load_config
 from gpt_vision.errors import UserError
 from gpt_vision.model.student import Student, resolve_student
