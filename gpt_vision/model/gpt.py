@@ -184,6 +184,10 @@ class GPT(nn.Module):
         sos = self.sos.to(x.dtype).expand(x.shape[0], 1, -1)
         return torch.cat([sos, x], dim=1)
 
+    def _positions(self, start: int, length: int, like: torch.Tensor) -> torch.Tensor:
+        """Position embeddings through wpe's forward, so ZeRO-3 / FSDP hooks gather its weight."""
+        return self.wpe(torch.arange(start, start + length, device=like.device)).to(like.dtype)
+
     def _attention_mask(self, attention: Attention, prefix_len: torch.Tensor | None, length: int, device):
         if attention == "causal":
             return "causal"
@@ -229,7 +233,7 @@ class GPT(nn.Module):
         """
         x = self._embed(inputs, mask)
         L = x.shape[1]
-        x = self.drop(x + self.wpe.weight[:L].to(x.dtype))
+        x = self.drop(x + self._positions(0, L, x))
         attn_mask = self._attention_mask(attention or self._default_attention(), prefix_len, L, x.device)
         x, _ = self._blocks(x, attn_mask)
         return self.head(self.ln_f(x))
@@ -262,7 +266,7 @@ class GPT(nn.Module):
             mask = torch.zeros(inputs.shape[:2], dtype=torch.bool, device=inputs.device)
         x = self._embed(inputs, mask)
         L = x.shape[1]
-        x = x + self.wpe.weight[:L].to(x.dtype)
+        x = x + self._positions(0, L, x)
         attention = attention or ("causal" if self.config.objective == "next_pixel" else "bidirectional")
         attn_mask = self._attention_mask(attention, None, L, x.device)
         _, collected = self._blocks(x, attn_mask, last=max(wanted), collect=set(wanted))
@@ -321,7 +325,7 @@ class GPT(nn.Module):
             if cache is None:
                 new = torch.cat([self.sos.expand(out.shape[0], 1, -1), self.wte(out[:, :pos])], dim=1)
                 start = 0
-            x = new + self.wpe.weight[start : start + new.shape[1]]
+            x = new + self._positions(start, new.shape[1], new)
             mask = self._decode_mask(new.shape[1], start, x.device)
             for i, block in enumerate(self.blocks):
                 x = block(x, mask, (cache, i, start, max_len) if cache is not None else None)
