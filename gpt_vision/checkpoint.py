@@ -7,6 +7,7 @@ ignored by `latest_complete` and never pruned in favour of it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
@@ -171,6 +172,29 @@ class CheckpointManager:
         started = time.perf_counter()
         if is_complete(step_dir):
             return step_dir
+        with self._storage_errors(step_dir):
+            self._write(step, step_dir, meta, rank_state, files, started)
+        strategy.barrier()
+        return step_dir
+
+    @contextlib.contextmanager
+    def _storage_errors(self, step_dir: Path):
+        """A full disk or an I/O error while saving becomes one line; the step stays uncommitted."""
+        try:
+            yield
+        except Exception as error:
+            text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if not isinstance(error, OSError) and "os error" not in text.lower():
+                raise
+            previous = self.latest()
+            raise UserError(
+                f"cannot write checkpoint {step_dir}: {getattr(error, 'strerror', None) or text}; it stays incomplete "
+                f"and is ignored; newest complete checkpoint: {previous or 'none'}"
+            ) from None
+
+    def _write(self, step: int, step_dir: Path, meta: dict, rank_state: dict, files: dict[str, bytes] | None,
+               started: float) -> None:
+        strategy = self.strategy
         strategy.save(step_dir)
         _test_kill_point("shards", strategy.rank, step)
         write_atomic(step_dir / f"rank-{strategy.rank:05d}.json", json.dumps(rank_state))
@@ -190,8 +214,6 @@ class CheckpointManager:
             write_atomic(self.root / LATEST_FILE, step_dir.name + "\n")
             _test_kill_point("latest", strategy.rank, step)
             self.prune(step)
-        strategy.barrier()
-        return step_dir
 
     def prune(self, step: int = -1) -> None:
         """Delete complete steps beyond `keep_last`; un-commit first so a kill mid-delete is harmless."""
