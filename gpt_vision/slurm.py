@@ -282,11 +282,13 @@ def plan_submissions(task: str, config: str | None, overrides: list[str], sweep:
 def submit(task: str, slurm: SlurmConfig, submissions: list[Submission], local: bool = False) -> list:
     """Submit one job, or one job array for several submissions; returns the submitit jobs.
 
-    Logs go to `slurm.log_dir`, else `<run dir>/slurm` (a sweep: beside its members' run dirs).
+    Logs go to `slurm.log_dir`, else `<run dir>/slurm` (a sweep: beside its members' run dirs;
+    fine-tuning: `<output dir>-slurm`, since it wants an empty output directory).
     """
     single = len(submissions) == 1
     home = submissions[0].run_dir if single else submissions[0].run_dir.parent
-    folder = Path(slurm.log_dir) if slurm.log_dir else home / "slurm"
+    default = home.with_name(home.name + "-slurm") if single and task == "finetune" else home / "slurm"
+    folder = Path(slurm.log_dir) if slurm.log_dir else default
     executor = make_executor(slurm, folder / "%j", submissions[0].name if single else f"{home.name}-sweep", local)
     functions = [TrainingJob(task, s.argv, slurm.max_requeues) for s in submissions]
     if single:
@@ -311,7 +313,7 @@ def submit_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local", action="store_true", help="run as local processes (submitit's local executor)")
     parser.add_argument("--wait", action="store_true", help="wait for the jobs and exit non-zero if one fails")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides (slurm.* included)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     try:
         slurm, submissions = plan_submissions(args.task, args.config, args.overrides, args.sweep)
         if args.local and slurm.nodes > 1:
