@@ -4,7 +4,8 @@ Equivalence: at world size 2 every rank streams the same samples whatever the st
 with the same seed (fp32) each strategy's losses match DDP's within 1e-5 relative (equality with
 one process on identical batches is proven in test_strategies.py / test_deepspeed.py). Resume: continuing a 2-rank run from its
 step-3 checkpoint reproduces steps 4..6 within 1e-6. World size change: a 2-rank checkpoint
-continues on 1 process.
+continues on 1 process. (ZeRO-1 and ZeRO-2's world-size change are covered in-process by
+test_deepspeed.py; here each engine runs through the real launcher once.)
 """
 import json
 import os
@@ -25,7 +26,6 @@ STRATEGIES = {
     "ddp": ["parallel.strategy=ddp"],
     "fsdp": ["parallel.strategy=fsdp"],
     "fairscale": ["parallel.strategy=fairscale"],
-    "zero1": ["parallel.strategy=deepspeed", "parallel.zero_stage=1"],
     "zero2": ["parallel.strategy=deepspeed", "parallel.zero_stage=2"],
     "zero3": ["parallel.strategy=deepspeed", "parallel.zero_stage=3"],
 }
@@ -82,7 +82,7 @@ def test_strategy_matches_single_and_resumes_exactly(name, manifest, reference, 
         assert again[step] == pytest.approx(got[step], rel=1e-6, abs=1e-7), (name, step)
 
 
-@pytest.mark.parametrize("name", ["fsdp", "zero2", "zero3"])
+@pytest.mark.parametrize("name", ["fsdp", "zero3"])
 def test_two_rank_checkpoint_continues_on_one_process(name, manifest, tmp_path):
     run = tmp_path / "run"
     launch(manifest, run, 2, *STRATEGIES[name], "train.steps=3", "schedule.warmup_steps=1")
