@@ -55,7 +55,6 @@ class KVCache:
     def __init__(self, n_layer: int):
         self.keys: list[torch.Tensor | None] = [None] * n_layer
         self.values: list[torch.Tensor | None] = [None] * n_layer
-        self.capacity = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, capacity: int):
         """Write k/v [B, H, T, D] at positions start..start+T; return all keys/values so far."""
@@ -326,7 +325,7 @@ class GPT(nn.Module):
                 new = torch.cat([self.sos.expand(out.shape[0], 1, -1), self.wte(out[:, :pos])], dim=1)
                 start = 0
             x = new + self._positions(start, new.shape[1], new)
-            mask = self._decode_mask(new.shape[1], start, x.device)
+            mask = self._decode_mask(start)
             for i, block in enumerate(self.blocks):
                 x = block(x, mask, (cache, i, start, max_len) if cache is not None else None)
             logits = self.head(self.ln_f(x[:, -1]))
@@ -338,14 +337,9 @@ class GPT(nn.Module):
         return out
 
     @staticmethod
-    def _decode_mask(length: int, start: int, device):
-        """Causal mask for `length` new queries after `start` cached positions."""
-        if start == 0:
-            return "causal"
-        if length == 1:
-            return None
-        q = torch.arange(start, start + length, device=device)
-        return torch.arange(start + length, device=device)[None, :] <= q[:, None]
+    def _decode_mask(start: int):
+        """The prefill (SOS + prompt) is causal; after it, the single new query sees every cached key."""
+        return "causal" if start == 0 else None
 
 
 def build_model(cfg: ModelConfig) -> GPT:
