@@ -85,7 +85,8 @@ def train_student(cfg: FinetuneConfig, student: Student, teacher: TeacherLogits 
         logger.close()
 
 
-def run_distill(cfg: FinetuneConfig, out: Path) -> dict:
+def run_distill(cfg: FinetuneConfig) -> dict:
+    """Checks the teacher, student and data first; the output folder is created only then."""
     started = time.time()
     device = classify.pick_device(cfg)
     teacher, palette, described = load_finetuned(cfg.distill.teacher)
@@ -117,6 +118,7 @@ def run_distill(cfg: FinetuneConfig, out: Path) -> dict:
                         f"student.max_param_ratio={s.max_param_ratio} of the teacher's {teacher_params:,}; choose a smaller student")
     augment = cfg.data.augment
     random_views = bool(augment.random_crop_padding or augment.flip)
+    out = classify.prepare_output_dir(cfg)
     teacher_logits = TeacherLogits(teacher, device, cfg.distill.cache_teacher_logits and not random_views)
 
     losses = train_student(cfg, student, teacher_logits, palette, device, out, "distilled")

@@ -60,15 +60,14 @@ def extract_features(model: GPT, loader: ShardLoader, layers: list[int], attenti
 def cache_key(model: GPT, palette_centroids: np.ndarray, loader: ShardLoader, layers: list[int],
               attention: str | None) -> str:
     """Digest of everything the features depend on."""
-    spec = loader._spec
     doc = {
         "weights": state_checksum(model),
         "model": dataclasses.asdict(model.config),
         "palette": hashlib.sha256(np.ascontiguousarray(palette_centroids).tobytes()).hexdigest(),
         "manifest": loader.manifest.location,
         "split": loader.split,
-        "shards": [(s.url, s.num_samples) for s in spec.shards],
-        "transform": repr(vars(spec.transform.cfg)) if spec.transform is not None else None,
+        "shards": [(s.url, s.num_samples) for s in loader.manifest.shards(loader.split)],
+        "augment": dataclasses.asdict(loader.cfg.augment),
         "layers": list(layers),
         "attention": attention,
     }

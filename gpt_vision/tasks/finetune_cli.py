@@ -16,8 +16,7 @@ def run(cfg: FinetuneConfig) -> dict:
     if cfg.task.kind == "distill":
         from gpt_vision.tasks.distill import run_distill
 
-        out = classify.prepare_output_dir(cfg)
-        return run_distill(cfg, out)
+        return run_distill(cfg)
     backbone = classify.load_backbone(cfg)
     out = classify.prepare_output_dir(cfg)
     if cfg.task.kind == "linear_probe":
