@@ -1,5 +1,14 @@
+import os
 import sys
 from pathlib import Path
+
+# Tests use tiny models: one intra-op thread per process is faster than two on a 2-core machine
+# running several test processes (OpenMP threads spin against each other); subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Shared test helpers (tests/toydata.py, tests/fixtures_images.py) import as top-level modules.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
