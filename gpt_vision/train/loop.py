@@ -24,6 +24,10 @@ class NonFiniteLossError(UserError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
 
 
+class CollectiveTimeoutError(UserError):
+    """Another rank stopped taking part in a step (hung, stalled or gone) for parallel.timeout_s."""
+
+
 @dataclass
 class LoopState:
     """Counters that define where training is; saved in every checkpoint."""
@@ -136,6 +140,19 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
 
     def run(self) -> LoopResult:
+        """The loop; a collective timed out by a stalled rank becomes one line naming the step."""
+        try:
+            return self._run()
+        except RuntimeError as error:
+            if self.strategy.world_size == 1 or "timed out" not in str(error).lower():
+                raise
+            first = str(error).strip().splitlines()[0]
+            raise CollectiveTimeoutError(
+                f"step {self.state.step + 1}: rank {self.strategy.rank} waited parallel.timeout_s="
+                f"{self.strategy.cfg.timeout_s}s for another rank that stopped participating ({first})"
+            ) from None
+
+    def _run(self) -> LoopResult:
         cfg, strategy = self.cfg, self.strategy
         batches = iter(self.loader)
         result = LoopResult(self.state, stopped_early=False)
