@@ -26,7 +26,7 @@ class PoisonGrad(torch.autograd.Function):
 
 def poisoner(rank_to_poison: int, loss_step: int, grad_step: int, snapshots: dict):
     def inject(step, strategy, loss):
-        if step in (loss_step, loss_step + 1, grad_step, grad_step + 1):
+        if step in (1, loss_step, loss_step + 1, grad_step, grad_step + 1):
             snapshots.setdefault(step, {k: v.detach().clone() for k, v in strategy.unwrapped.state_dict().items()})
         if strategy.rank != rank_to_poison:
             return loss
