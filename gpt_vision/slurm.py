@@ -181,6 +181,9 @@ class TrainingJob(Checkpointable):
             _wait_for_requeue(job_env.global_rank)
         if not callable(submitit_handler):
             raise UserError(f"{self.task} stopped early but submitit installed no {usr_sig.name} handler to requeue it")
+        # The requeue SIGTERMs the whole job, `scontrol requeue` itself included unless it
+        # inherits an ignored SIGTERM: it must finish, and so must submitit's exit path.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         submitit_handler(usr_sig, None)  # calls checkpoint(), requeues, exits
         return outcome
 
