@@ -198,6 +198,9 @@ class ShardLoader:
             dataset, batch_size=None, num_workers=self.cfg.num_workers,
             prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers else None,
             pin_memory=torch.cuda.is_available(),
+            # Its own generator: starting a DataLoader must not draw from the global torch RNG,
+            # or a resumed run's dropout would not continue where the saved RNG state left it.
+            generator=torch.Generator().manual_seed(self._spec.seed),
         )
         for batch in loader:
             if "error" in batch:

@@ -154,3 +154,12 @@ def test_resume_refuses_a_different_model(manifest, tmp_path):
 def test_global_batch_mismatch_is_one_clear_line(manifest, tmp_path):
     with pytest.raises(UserError, match="global_batch_size=24 but micro_batch_size"):
         pretrain(manifest, tmp_path / "run", "train.global_batch_size=24")
+
+
+def test_resume_with_dropout_restores_the_global_rng(manifest, tmp_path):
+    whole = tmp_path / "whole"
+    pretrain(manifest, whole, "model.dropout=0.1")
+    split = tmp_path / "split"
+    pretrain(manifest, split, "model.dropout=0.1", fault_injector=stop_at(3))
+    pretrain(manifest, split, "model.dropout=0.1")
+    assert losses(split) == losses(whole)
