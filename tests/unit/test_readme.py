@@ -69,10 +69,15 @@ def check_python_script(words: list[str]) -> None:
     args = words[1:]
     if script == "launch/submit.py":
         check_flags(args[1:], (script,))
+        if args[0] == "finetune":  # its slurm.* overrides are read by submit.py, not the task config
+            args = [a for a in args if not a.startswith("slurm.")]
+        sweeps = []
         while "--sweep" in args:  # KEY=V1,V2: the key must load with each value
             at = args.index("--sweep")
-            key, values = args[at + 1].split("=", 1)
+            sweeps.append(args[at + 1])
             args = args[:at] + args[at + 2:]
+        for sweep in sweeps:
+            key, values = sweep.split("=", 1)
             for value in values.split(","):
                 check_config(args + [f"{key}={value}"], PretrainConfig if args[0] == "pretrain" else FinetuneConfig)
         check_config(args, PretrainConfig if args[0] == "pretrain" else FinetuneConfig)
