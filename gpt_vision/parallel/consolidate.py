@@ -8,11 +8,10 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from gpt_vision.errors import UserError
-from gpt_vision.parallel import common
+from gpt_vision.parallel import common, safe_load
 
 _MODEL_PREFIX = "model."
 
@@ -25,9 +24,7 @@ def consolidate_full_files(directory: Path) -> dict[str, torch.Tensor]:
 def consolidate_dcp(directory: Path) -> dict[str, torch.Tensor]:
     """fsdp: allocate every `model.*` tensor from the DCP metadata, then let DCP fill them."""
     directory = Path(directory)
-    if not (directory / ".metadata").is_file():
-        raise UserError(f"{directory} has no DCP .metadata: not a checkpoint written by the fsdp strategy")
-    metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    metadata = safe_load.read_dcp_metadata(directory / ".metadata")
     model = {}
     for key, entry in metadata.state_dict_metadata.items():
         if key.startswith(_MODEL_PREFIX) and isinstance(entry, TensorStorageMetadata):
@@ -36,5 +33,5 @@ def consolidate_dcp(directory: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{directory}: the DCP checkpoint holds no model tensors")
     with warnings.catch_warnings():  # DCP warns that no process group exists: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": model}, checkpoint_id=str(directory), no_dist=True)
+        safe_load.dcp_load({"model": model}, directory, no_dist=True)
     return {common.clean_key(k): v.to(torch.float32) if v.is_floating_point() else v for k, v in model.items()}

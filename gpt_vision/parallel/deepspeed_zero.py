@@ -22,6 +22,13 @@ Choices that are not obvious from the interface:
 * Checkpoints live in `<directory>/deepspeed/<TAG>/` and never touch DeepSpeed's `latest`
   (our checkpoint manager owns `latest`). Resuming on another world size converts once to
   DeepSpeed's universal format in `<directory>/deepspeed/universal/` and loads that.
+* DeepSpeed's loaders (engine, universal conversion, zero_to_fp32) unpickle with
+  `weights_only=False`, and offer no hook to change that for all of them. So before any of them
+  sees a directory, `_check_files` opens every `*.pt` in it weights-only with only DeepSpeed's
+  few data classes allowed (`_deepspeed_globals`): a file naming anything else is refused with
+  a `UserError` and nothing is built from it. The check reads pickles, not storages (mmap).
+  It does not guard against a file swapped between the check and DeepSpeed's read; whoever
+  can write into the directory during a run can change the run's code anyway.
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ import torch
 from torch import nn
 
 from gpt_vision.errors import ConfigError, UserError
+from gpt_vision.parallel import safe_load
 from gpt_vision.parallel.base import StepResult, Strategy
 from gpt_vision.parallel.common import set_lr
 from gpt_vision.train.config import OptimConfig
@@ -268,6 +276,7 @@ class DeepSpeedStrategy(Strategy):
     def load(self, directory: Path) -> None:
         root = Path(directory) / SUBDIR
         layout = _read_layout(root)
+        _check_files(root)  # every rank, before any collective: all refuse together
         if layout["world_size"] == self.world_size and layout["zero_stage"] == self.stage:
             self._load_native(root, TAG, universal=False)
             return
@@ -322,6 +331,26 @@ def _read_layout(root: Path) -> dict[str, int]:
         raise UserError(f"{path} is corrupt: {e}") from None
 
 
+def _deepspeed_globals() -> list[type]:
+    """The classes DeepSpeed pickles into its checkpoints besides tensors and plain data.
+
+    Found by saving ZeRO 0-3 (fp32 and bf16) and their universal conversion; all are data
+    holders (an enum, a dataclass, loss scalers) whose construction runs no code of the file's
+    choosing. fp16 stores `DynamicLossScaler` where bf16/fp32 store `LossScaler`.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def _check_files(root: Path) -> None:
+    """Refuse (UserError) any torch file under `root` that names more than `_deepspeed_globals`."""
+    if safe_load.check_torch_files(root, _deepspeed_globals()) == 0:
+        raise UserError(f"{root} holds no DeepSpeed checkpoint files (*.pt)")
+
+
 def _convert_to_universal(root: Path) -> None:
     """DeepSpeed's universal checkpoint from the native shards, built in a temp dir and renamed."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
@@ -349,8 +378,9 @@ def consolidate_deepspeed(directory: Path) -> dict[str, torch.Tensor]:
 
     root = Path(directory) / SUBDIR
     layout = _read_layout(root)
+    _check_files(root / TAG)
     if layout["zero_stage"] == 0:
         # Stage 0 writes no ZeRO optimizer shards; the full fp32 module is in the model file.
-        states = torch.load(root / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        states = safe_load.load_torch_file(root / TAG / "mp_rank_00_model_states.pt", _deepspeed_globals())
         return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
     return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=TAG)

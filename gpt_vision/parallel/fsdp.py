@@ -3,7 +3,8 @@
 Each block of `model.blocks` is its own FSDP unit (all-gathered just in time, freed after use
 when `fsdp_reshard_after_forward`), then the root takes the rest (embeddings, norm, head).
 Checkpoints are torch.distributed.checkpoint (DCP) directories: every rank writes its shards,
-and DCP reshards on load, so a run saved at N ranks resumes at M.
+and DCP reshards on load, so a run saved at N ranks resumes at M. Loading goes through
+`safe_load.dcp_load`: DCP's own reader would unpickle `.metadata` without an allowlist.
 `gpt_vision.parallel.consolidate.consolidate_dcp` reads the full model back in one process,
 without a process group (export, fine-tune).
 """
@@ -27,7 +28,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 from gpt_vision.errors import UserError
-from gpt_vision.parallel import common
+from gpt_vision.parallel import common, safe_load
 from gpt_vision.parallel.base import StepResult, Strategy
 from gpt_vision.train.config import OptimConfig
 
@@ -95,12 +96,9 @@ class FSDPStrategy(Strategy):
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
 
     def load(self, directory: Path) -> None:
-        directory = Path(directory)
-        if not (directory / ".metadata").is_file():
-            raise UserError(f"{directory} has no DCP .metadata: not a checkpoint written by the fsdp strategy")
         model_state, optim_state = get_state_dict(self._model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=str(directory))
+        safe_load.dcp_load(state, Path(directory))  # nothing in the files is executed
         set_state_dict(
             self._model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
