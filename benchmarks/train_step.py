@@ -7,6 +7,7 @@ fraction of a plain fp32 and bf16 matmul measured in the same run.
 
     python benchmarks/train_step.py            # full: 784 and 1024 tokens, fp32 and bf16
     python benchmarks/train_step.py --quick    # smoke: one round of 2 steps each
+    python benchmarks/train_step.py --compile  # also ours under torch.compile (per block)
 """
 
 import argparse
@@ -22,9 +23,13 @@ from gpt_vision.model import ModelConfig, build_model, flops_per_token
 WIDTH, LAYERS, HEADS, PALETTE = 256, 8, 8, 512
 
 
-def ours(side: int) -> tuple[torch.nn.Module, callable]:
+def ours(side: int, compiled: bool = False) -> tuple[torch.nn.Module, callable]:
+    """Our GPT; `compiled` applies torch.compile per block, as train.compile does."""
     cfg = ModelConfig(n_layer=LAYERS, n_embd=WIDTH, n_head=HEADS, vocab_size=PALETTE, image_size=side, activation="quick_gelu")
     model = build_model(cfg)
+    if compiled:
+        for block in model.blocks:
+            block.compile(dynamic=False)
     return model, lambda tokens: model(tokens)
 
 
@@ -87,6 +92,7 @@ def main() -> None:
     parser.add_argument("--sides", type=int, nargs="+", default=[28, 32], help="image sides (784, 1024 tokens)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile (train.compile)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.steps = 1, 2
@@ -103,6 +109,8 @@ def main() -> None:
     for side in args.sides:
         torch.manual_seed(0)
         models = {"ours": ours(side), "hf": theirs(side)}
+        if args.compile:
+            models["ours compiled"] = ours(side, compiled=True)
         for model, _ in models.values():
             model.to(device).train()
         tokens = torch.randint(0, PALETTE, (args.batch, side * side), device=device)
@@ -114,6 +122,10 @@ def main() -> None:
                 return torch.autocast(device.type, dtype=torch.bfloat16)
 
             rates = {name: [] for name in models}
+            if args.compile:  # compile (and recompile for this dtype) outside the timed rounds
+                start = time.perf_counter()
+                step_rate(*models["ours compiled"], tokens, autocast, 1)
+                print(f"tokens={side * side} {dtype}: torch.compile warm-up {time.perf_counter() - start:.0f} s")
             for _ in range(args.rounds):
                 for name, (model, logits) in models.items():
                     rates[name].append(step_rate(model, logits, tokens, autocast, args.steps))
@@ -124,6 +136,10 @@ def main() -> None:
                 f"ratio {best['ours'] / best['hf']:.2f}x; ours {best['ours'] * fpt / 1e9:.1f} GFLOP/s "
                 f"= {mfu:.2f} of the {dtype} matmul"
             )
+            if args.compile:
+                rate = max(rates["ours compiled"])
+                print(f"tokens={side * side} {dtype}: ours compiled {rate:.0f} tok/s, {rate / best['hf']:.2f}x hf, "
+                      f"{rate / best['ours']:.2f}x eager; {rate * fpt / peak[dtype]:.2f} of the {dtype} matmul")
 
 
 if __name__ == "__main__":
