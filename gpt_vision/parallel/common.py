@@ -18,6 +18,7 @@ from torch import nn
 
 from gpt_vision.errors import UserError
 from gpt_vision.parallel.base import StepResult
+from gpt_vision.parallel.safe_load import load_torch_file
 from gpt_vision.train.config import OptimConfig
 from gpt_vision.train.optim import adamw_kwargs, param_groups
 
@@ -134,11 +135,7 @@ def read_optimizer_file(directory: Path) -> dict:
     path = Path(directory) / OPTIMIZER_FILE
     if not path.is_file():
         raise UserError(f"{path} is missing: the checkpoint has no optimizer state")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # weights_only refuses pickled code; damage raises too
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path} is not a loadable optimizer state (only tensors and plain data are accepted): {first}") from None
+    return load_torch_file(path)
 
 
 def load_model_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
