@@ -106,12 +106,23 @@ class Strategy(ABC):
             torch.distributed.barrier()
 
     def any_rank(self, flag: bool) -> bool:
-        """True if `flag` is True on any rank: how ranks agree on stopping at one step."""
+        """True if `flag` is True on any rank: how ranks agree on stopping at one step.
+
+        Asked every step, so it travels on a CPU (gloo) group: on GPUs an NCCL all-reduce here
+        would make the host wait for the device and stall the queue of the next step's kernels.
+        """
         if self.world_size == 1:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.comm_device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self._control_group())
         return bool(t.item())
+
+    def _control_group(self):
+        """A gloo group for host-side agreement (the default group when it already is gloo)."""
+        if getattr(self, "_control", None) is None:
+            default_is_gloo = torch.distributed.get_backend() == "gloo"
+            self._control = torch.distributed.group.WORLD if default_is_gloo else torch.distributed.new_group(backend="gloo")
+        return self._control
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (in place on a copy on the communication device)."""
