@@ -97,7 +97,9 @@ def test_reshard_2_to_1_and_1_to_2_ranks(name, manifest, tmp_path, figure):
     saved = weights(two_step)
     diff_2_1 = differing_tensors(saved, {k: v for k, v in one.items() if k != "_step"})
     one_step = tmp_path / "one" / "checkpoints" / "step-0000004"
-    back = run_ranks(resume_elsewhere, 2, manifest, tmp_path / "back", extra, one_step, timeout=600)[0]
+    # One more step than the 1-rank leg ran, so the 2-rank leg takes a step on the loaded weights.
+    back = run_ranks(resume_elsewhere, 2, manifest, tmp_path / "back", extra + ["train.steps=5"], one_step,
+                     timeout=600)[0]
     diff_1_2 = differing_tensors(weights(one_step), {k: v for k, v in back.items() if k != "_step"})
     export = export_checkpoint(two_step, tmp_path / "export")
     as_single = load_pretrained(export).model.state_dict()
