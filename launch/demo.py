@@ -3,7 +3,7 @@
 Every step runs as a subprocess and is printed first as the plain command, so it can be rerun by
 hand: shards -> two-process FSDP pretraining (stopped with SIGUSR1 after a checkpoint, then resumed
 by rerunning the same command) -> linear probe, fine-tune, distillation -> sample grids -> summary.
-The images are downscaled to 14x14 (196 tokens instead of 784) and the demo uses the first 10,000
+The images are downscaled to 14x14 (196 tokens instead of 784) and the demo uses the first 20,000
 training and 2,000 test images, because pretraining on 2 CPU cores runs at a few thousand tokens/s.
 `--small` (or DEMO_SCALE=small) runs the same pipeline on a few hundred 8x8 images in a few minutes.
 """
@@ -51,11 +51,11 @@ class Scale:
 
 
 FULL = Scale(
-    name="full", train_images=10000, test_images=2000, image_size=14,
-    pretrain=[], stop_after_step=100,
+    name="full", train_images=20000, test_images=2000, image_size=14,
+    pretrain=[], stop_after_step=200,
     probe=["train.steps=600"],
-    finetune=["train.steps=100", "train.batch_size=32", "schedule.warmup_steps=10"],
-    distill=["train.steps=200", "train.batch_size=32", "schedule.warmup_steps=20"],
+    finetune=["train.steps=500", "train.batch_size=32", "schedule.warmup_steps=50"],
+    distill=["train.steps=500", "train.batch_size=32", "schedule.warmup_steps=50"],
     sample=["--completions", "8", "--per-image", "4", "--samples", "16"],
 )
 SMALL = Scale(
