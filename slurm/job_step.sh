@@ -26,6 +26,9 @@ run_requeueable_step() {
   fi
   local max_requeues=${GPTV_MAX_REQUEUES:-10} restarts=${SLURM_RESTART_COUNT:-0}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+  # srun starts every rank: a rank layout inherited from the submitting shell (a torchrun or an
+  # earlier run's environment) would override Slurm's and leave each task alone in world size 1.
+  unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE LOCAL_SIZE MASTER_ADDR MASTER_PORT TORCHELASTIC_RUN_ID
   # Since Slurm 22.05 srun no longer inherits --cpus-per-task from the allocation.
   [ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
 

@@ -12,3 +12,16 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Shared test helpers (tests/toydata.py, tests/fixtures_images.py) import as top-level modules.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """In-process runs export RANK/WORLD_SIZE/MASTER_* (as launchers do); jobs submitted by later
+    tests (sbatch, submitit) inherit the environment, so each test gets back the one it started with."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
