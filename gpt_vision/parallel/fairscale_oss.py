@@ -22,12 +22,15 @@ import torch.distributed as dist
 from torch import nn
 
 from gpt_vision.parallel import common
-from gpt_vision.parallel.base import StepResult, Strategy
+from gpt_vision.parallel.base import StepResult
+from gpt_vision.parallel.single import SingleStrategy
 from gpt_vision.train.config import OptimConfig
 from gpt_vision.train.optim import adamw_kwargs, param_groups
 
 
-class FairscaleStrategy(Strategy):
+class FairscaleStrategy(SingleStrategy):
+    """Loads and gathers the full state like `single` (rank 0 holds every weight after each step)."""
+
     name = "fairscale"
 
     def setup(self, model: nn.Module, optim_cfg: OptimConfig, micro_batch_size: int, grad_accum: int) -> None:
@@ -43,18 +46,11 @@ class FairscaleStrategy(Strategy):
         self._model = ShardedDataParallel(model, self.optimizer)
 
     @property
-    def module(self) -> nn.Module:
-        return self._model
-
-    @property
     def unwrapped(self) -> nn.Module:
         return self._model.module
 
     def accumulate(self, is_boundary: bool) -> ContextManager:
         return contextlib.nullcontext() if is_boundary else self._model.no_sync()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.grad_accum).backward()
 
     def step(self, lr: float) -> StepResult:
         common.set_lr(self.optimizer, lr)  # OSS copies its groups' lr into the shard optimizer
@@ -73,17 +69,5 @@ class FairscaleStrategy(Strategy):
         )
 
     def save(self, directory: Path) -> None:
-        self.optimizer.consolidate_state_dict(recipient_rank=0)
-        if self.rank == 0:
-            common.write_full_files(directory, common.plain_state_dict(self.unwrapped), self.optimizer.state_dict())
-        self.barrier()
-
-    def load(self, directory: Path) -> None:
-        directory = Path(directory)
-        common.load_model_strict(self.unwrapped, common.read_model_file(directory), directory)
-        self.optimizer.load_state_dict(common.read_optimizer_file(directory))
-
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        state = common.plain_state_dict(self.unwrapped) if self.rank == 0 else None
-        self.barrier()
-        return state
+        self.optimizer.consolidate_state_dict(recipient_rank=0)  # a collective: OSS shards -> rank 0
+        super().save(directory)
