@@ -201,10 +201,16 @@ class TrainingJob(Checkpointable):
 
 def _export_rank_env(job_env) -> None:
     """Outside Slurm (the local executor) publish the task's place for `detect_env`; srun tasks
-    already carry SLURM_* variables, which `detect_env` reads itself."""
+    carry SLURM_* variables, which `detect_env` reads itself once a rank layout inherited from
+    the submitting shell (it would win over SLURM_*) is dropped."""
     from gpt_vision.distributed import DEFAULT_MASTER_ADDR, SLURM_PORT_BASE, SLURM_PORT_SPAN
 
-    if job_env.cluster == "slurm" or job_env.num_tasks == 1:
+    if job_env.cluster == "slurm":
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
+                     "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+            os.environ.pop(name, None)
+        return
+    if job_env.num_tasks == 1:
         return
     os.environ.update(
         RANK=str(job_env.global_rank),

@@ -17,10 +17,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pytest  # noqa: E402
 
 
+_SESSION_ENVIRONMENT = dict(os.environ)
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 @pytest.fixture(autouse=True)
 def _restore_environment():
-    """In-process runs export RANK/WORLD_SIZE/MASTER_* (as launchers do); jobs submitted by later
-    tests (sbatch, submitit) inherit the environment, so each test gets back the one it started with."""
+    """In-process runs export RANK/WORLD_SIZE/MASTER_* (as launchers do), module fixtures too; jobs
+    submitted by later tests (sbatch, submitit) inherit the environment. Each test starts with the
+    session's launcher variables and gets back the whole environment it started with."""
+    for name in _LAUNCHER_VARIABLES:
+        if name in _SESSION_ENVIRONMENT:
+            os.environ[name] = _SESSION_ENVIRONMENT[name]
+        else:
+            os.environ.pop(name, None)
     saved = dict(os.environ)
     yield
     os.environ.clear()
