@@ -17,7 +17,6 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -242,8 +241,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def describe(step_dir: Path) -> dict[str, Any]:
-    meta = read_meta(step_dir)
-    return {k: meta.get(k) for k in ("step", "samples", "strategy", "world_size")}

@@ -2,16 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
-import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from gpt_vision import checkpoint as ckpt
@@ -24,10 +19,9 @@ from gpt_vision.errors import UserError
 from gpt_vision.model import ModelConfig, build_model, build_objective, flops_per_token
 from gpt_vision.parallel import build_strategy
 from gpt_vision.parallel.base import Strategy
-from gpt_vision.train.loop import LoopResult, Trainer
+from gpt_vision.train.loop import LoopResult, Trainer, to_device
 from gpt_vision.train.metrics import MetricsLogger, image_grid, measure_matmul_flops
 
-log = logging.getLogger(__name__)
 PALETTE_FILE = "palette.npy"
 
 
@@ -182,7 +176,7 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, fault_injector=None) -> L
         dims_per_token=model_cfg.channels if model_cfg.objective != "next_patch" else 0,
         peak_flops=peak,
         meta={"model": dataclasses.asdict(model_cfg), "config": to_dict(resolved)},
-        checkpoint_files={PALETTE_FILE: _palette_bytes(palette)},
+        checkpoint_files={PALETTE_FILE: (run_dir / PALETTE_FILE).read_bytes()},
         evaluate=_evaluator(cfg, strategy, objective, palette) if train.eval_every else None,
         sample_images=_sampler(strategy, model_cfg, palette, logger) if model_cfg.objective == "next_pixel" else None,
         fault_injector=fault_injector,
@@ -229,12 +223,6 @@ class FirstCallTimer:
         return self.objective(*args, **kwargs)
 
 
-def _palette_bytes(palette: Palette) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, palette.centroids, allow_pickle=False)
-    return buffer.getvalue()
-
-
 def _evaluator(cfg: PretrainConfig, strategy: Strategy, objective, palette: Palette):
     """Mean validation loss over the held-out split, each sample read once across ranks."""
 
@@ -249,7 +237,7 @@ def _evaluator(cfg: PretrainConfig, strategy: Strategy, objective, palette: Pale
             for index, batch in enumerate(loader):
                 if cfg.train.eval_batches and index >= cfg.train.eval_batches:
                     break
-                batch = {k: v.to(strategy.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                batch = to_device(batch, strategy.device)
                 generator = torch.Generator().manual_seed(cfg.seed + index)
                 with strategy.autocast():
                     loss, _ = objective(module, batch, generator)

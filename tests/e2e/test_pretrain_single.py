@@ -97,7 +97,6 @@ def test_incomplete_newer_step_is_ignored_on_resume(manifest, tmp_path):
     (partial / "meta.json").write_text("{}")  # no COMMITTED marker: a save that died
     result = pretrain(manifest, run)
     assert result.state.step == 8
-    assert losses(run)[5] == pytest.approx(losses(run)[5])
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]  # resumed at 4, not 6
 

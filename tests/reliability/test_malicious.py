@@ -2,7 +2,6 @@
 marker file), shards with pickle/.pyd/.pth members, `../`, absolute names and symlinks, and a
 YAML with `!!python/object`: nothing executes, nothing is written outside the run, and each is
 a clear one-line error or a skipped member."""
-import io
 import os
 import tarfile
 

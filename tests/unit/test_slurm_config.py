@@ -1,7 +1,6 @@
 """SlurmConfig -> submitit executor parameters, sweep expansion, submission planning (no cluster)."""
 import pytest
 
-from gpt_vision.config import load_config
 from gpt_vision.errors import ConfigError, UserError
 from gpt_vision.slurm import SlurmConfig, TrainingJob, executor_parameters, expand_sweep, make_executor, plan_submissions
 from toydata import tiny_overrides, write_toy_shards
