@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping, Sequence
 
-from gpt_vision.errors import UserError
+from gpt_vision.errors import RankLocalError, UserError
 
 SLURM_PORT_BASE = 15000
 SLURM_PORT_SPAN = 20000
@@ -126,7 +126,7 @@ def init_process_group(
     if cuda:
         count = torch.cuda.device_count()
         if env.local_rank >= count:
-            raise UserError(
+            raise RankLocalError(
                 f"local rank {env.local_rank} has no GPU: this node shows {count} CUDA device(s); "
                 "start at most one process per GPU"
             )

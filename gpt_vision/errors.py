@@ -2,7 +2,14 @@
 
 
 class UserError(Exception):
-    """A problem with the user's input, files or environment: printed as one line, exit code 2."""
+    """A problem with the user's input, files or environment: printed as one line, exit code 2.
+
+    Most user errors are met by every rank alike (same config, same files), so only rank 0
+    prints them; an error that only some ranks can meet sets `rank_local` and is printed by
+    the rank that met it.
+    """
+
+    rank_local = False
 
 
 class ConfigError(UserError):
@@ -22,3 +29,9 @@ class ConfigError(UserError):
         """The same error, its key prefixed with the enclosing section's name."""
         key = f"{prefix}.{self.key}" if self.key else prefix
         return ConfigError(key, self.message, self.source)
+
+
+class RankLocalError(UserError):
+    """A user error that only some ranks meet (e.g. a local rank without a GPU)."""
+
+    rank_local = True

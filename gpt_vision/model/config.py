@@ -15,7 +15,7 @@ class ModelConfig:
     n_head: int = 0
     vocab_size: int = 0  # palette size; 0 = filled from the tokenizer by the root config
     image_size: int = 0  # H = W; 0 = filled from the shard manifest
-    channels: int = 1
+    channels: int = 0  # 0 = filled from the shard manifest in pretraining, else 1 (gray)
     norm: Literal["rms", "layer"] = "rms"  # "rms" = iGPT's gain-only RMS norm
     activation: Literal["gelu", "quick_gelu"] = "gelu"  # quick_gelu = x * sigmoid(1.702 x), HF ImageGPT's default
     dropout: float = 0.0
@@ -28,7 +28,7 @@ class ModelConfig:
     def resolved(self) -> "ModelConfig":
         """A copy with the preset's shape filled into the fields left at 0."""
         if not self.preset:
-            return replace(self)
+            return replace(self, channels=self.channels or 1)
         if self.preset not in PRESETS:
             known = ", ".join(PRESETS)
             raise ConfigError("preset", f"unknown preset '{self.preset}' (known: {known})")
@@ -38,6 +38,7 @@ class ModelConfig:
             n_layer=self.n_layer or p.n_layer,
             n_embd=self.n_embd or p.n_embd,
             n_head=self.n_head or p.n_head,
+            channels=self.channels or 1,
         )
 
     def check(self) -> None:
@@ -52,8 +53,8 @@ class ModelConfig:
         for key in ("vocab_size", "image_size"):
             if getattr(cfg, key) < 0:
                 raise ConfigError(key, f"must be >= 0, got {getattr(cfg, key)}")
-        if cfg.channels < 1:
-            raise ConfigError("channels", f"must be >= 1, got {cfg.channels}")
+        if self.channels < 0:
+            raise ConfigError("channels", f"must be >= 0 (0: from the data), got {self.channels}")
         if not 0.0 <= cfg.dropout < 1.0:
             raise ConfigError("dropout", f"must be in [0, 1), got {cfg.dropout}")
         if not 0.0 < cfg.mask_ratio < 1.0:

@@ -7,6 +7,7 @@ import logging
 
 from gpt_vision.config import load_config
 from gpt_vision.tasks.finetune_config import FinetuneConfig
+from gpt_vision.threads import configure_threads
 
 
 def run(cfg: FinetuneConfig) -> dict:
@@ -39,6 +40,7 @@ def main(argv: list[str] | None, prog: str) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    configure_threads(local_ranks=1)
     results = run(cfg)
     layer = f" layer {results['chosen_layer']}" if results.get("chosen_layer") is not None else ""
     print(f"{cfg.task.kind}{layer}: top1 {results['top1']:.4f} top5 {results['top5']:.4f} "

@@ -19,28 +19,38 @@ from gpt_vision.errors import UserError
 from gpt_vision.model import ModelConfig, build_model, build_objective, flops_per_token
 from gpt_vision.parallel import build_strategy
 from gpt_vision.parallel.base import Strategy
+from gpt_vision.train.budget import StepBudget
 from gpt_vision.train.loop import LoopResult, Trainer, to_device
 from gpt_vision.train.metrics import MetricsLogger, image_grid, measure_matmul_flops
 
 PALETTE_FILE = "palette.npy"
 
 
-def resolve_model_config(model: ModelConfig, palette: Palette, manifest) -> ModelConfig:
-    """Fill vocabulary and geometry from the palette and the shards; disagreement is an error."""
-    cfg = model.resolved()
+def resolve_model_config(cfg: PretrainConfig, manifest) -> ModelConfig:
+    """The model's geometry from the shard manifest and vocabulary from the tokenizer, checked
+    before any expensive work: channels and image size left at 0 are filled from the data, given
+    ones must agree with it, and the splits the run reads must exist."""
+    manifest.shards(cfg.data.train_split)
+    if cfg.train.eval_every:
+        manifest.shards(cfg.data.val_split)
     height, width = manifest.image_size
     if height != width:
         raise UserError(f"{manifest.location}: images are {height}x{width}; the model needs square images (use --resize)")
-    fills = {"vocab_size": palette.size, "image_size": height, "channels": manifest.channels}
+    fills = {"vocab_size": cfg.tokenizer.clusters, "image_size": height, "channels": manifest.channels}
     for key, actual in fills.items():
-        given = getattr(cfg, key)
-        if key != "channels" and given == 0:
-            continue
-        if given != actual:
-            raise UserError(f"config key 'model.{key}' is {given} but the data/palette give {actual}")
-    cfg = dataclasses.replace(cfg, **fills)
-    cfg.check()
-    return cfg
+        given = getattr(cfg.model, key)
+        if given and given != actual:
+            raise UserError(f"config key 'model.{key}' is {given} but the data/palette give {actual}"
+                            + (" (leave it 0 to follow the data)" if key != "vocab_size" else ""))
+    model = dataclasses.replace(cfg.model.resolved(), **fills)
+    model.check()
+    return model
+
+
+def check_palette_fits(palette: Palette, model: ModelConfig) -> None:
+    if (palette.size, palette.channels) != (model.vocab_size, model.channels):
+        raise UserError(f"the palette has {palette.size} colors x {palette.channels} channels, the model expects "
+                        f"{model.vocab_size} x {model.channels}")
 
 
 def prepare_run_dir(cfg: PretrainConfig, strategy: Strategy) -> tuple[Path, Path | None]:
@@ -119,6 +129,7 @@ def configure_determinism(cfg: PretrainConfig) -> None:
 
 def run_pretraining(cfg: PretrainConfig, env: DistEnv, fault_injector=None) -> LoopResult:
     """The whole run on this rank; every rank calls it (a plain `python` run is world size 1)."""
+    started = time.perf_counter()
     init_process_group(env, backend=None if cfg.parallel.backend == "auto" else cfg.parallel.backend,
                        timeout_s=cfg.parallel.timeout_s)
     configure_determinism(cfg)
@@ -135,11 +146,14 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, fault_injector=None) -> L
             else f"train.global_batch_size={train.global_batch_size} is not divisible by micro_batch_size*world_size "
             f"= {train.micro_batch_size}*{env.world_size}"
         )
-    manifest = load_manifest(cfg.data.manifest)
+    model_cfg = resolve_model_config(cfg, load_manifest(cfg.data.manifest))
     run_dir, resume_from = prepare_run_dir(cfg, strategy)
     palette = load_palette(cfg, strategy, run_dir)
-    model_cfg = resolve_model_config(cfg.model, palette, manifest)
-    resolved = dataclasses.replace(cfg, model=model_cfg)
+    check_palette_fits(palette, model_cfg)
+    planned = ckpt.read_meta(resume_from).get("planned_steps") if resume_from is not None else None
+    if planned:
+        train = dataclasses.replace(train, steps=planned)
+    resolved = dataclasses.replace(cfg, model=model_cfg, train=train)
     if resume_from is not None:
         _check_same_model(resume_from, model_cfg)
     if strategy.rank == 0:
@@ -175,11 +189,14 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, fault_injector=None) -> L
         tokens_per_sample=tokens,
         dims_per_token=model_cfg.channels if model_cfg.objective != "next_patch" else 0,
         peak_flops=peak,
-        meta={"model": dataclasses.asdict(model_cfg), "config": to_dict(resolved)},
+        meta={"model": dataclasses.asdict(model_cfg), "config": to_dict(resolved),
+              **({"planned_steps": planned} if planned else {})},
         checkpoint_files={PALETTE_FILE: (run_dir / PALETTE_FILE).read_bytes()},
         evaluate=_evaluator(cfg, strategy, objective, palette) if train.eval_every else None,
         sample_images=_sampler(strategy, model_cfg, palette, logger) if model_cfg.objective == "next_pixel" else None,
         fault_injector=fault_injector,
+        budget=StepBudget(train.time_budget_min, started) if train.time_budget_min and not planned else None,
+        on_plan=_config_writer(resolved, run_dir) if strategy.rank == 0 else None,
     )
     if resume_from is not None:
         trainer.restore(resume_from)
@@ -187,7 +204,19 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, fault_injector=None) -> L
         result = trainer.run()
     finally:
         logger.close()
+    if result.stopped_early:  # every rank has saved: they exit together (see gpt_vision.cli.run)
+        strategy.barrier()
     return result
+
+
+def _config_writer(resolved: PretrainConfig, run_dir: Path):
+    """Rewrites config.yaml with the steps the time budget planned."""
+
+    def write(steps: int) -> None:
+        train = dataclasses.replace(resolved.train, steps=steps)
+        dump_config(dataclasses.replace(resolved, train=train), run_dir / "config.yaml")
+
+    return write
 
 
 def compile_blocks(model: torch.nn.Module) -> None:

@@ -58,12 +58,15 @@ class TrainConfig:
     compile: bool = False
     # Peak FLOP/s for MFU; 0: measure a matmul at start (dtype of the run).
     peak_flops: float = 0.0
+    # Minutes of wall clock the run should fit; > 0 replaces `steps` by a plan measured over the
+    # first steps (recorded in config.yaml and checkpoints, kept on resume). 0: off.
+    time_budget_min: float = 0.0
 
     def check(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "log_every", "max_consecutive_skips"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be positive, got {getattr(self, name)}")
-        for name in ("global_batch_size", "eval_every", "eval_batches", "sample_every"):
+        for name in ("global_batch_size", "eval_every", "eval_batches", "sample_every", "time_budget_min"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.global_batch_size and self.global_batch_size % (self.micro_batch_size * self.grad_accum):

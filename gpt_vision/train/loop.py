@@ -12,9 +12,10 @@ from typing import Any, Callable
 import torch
 
 from gpt_vision.checkpoint import CheckpointManager, rng_state, set_rng_state
-from gpt_vision.errors import UserError
+from gpt_vision.errors import RankLocalError, UserError
 from gpt_vision.parallel.base import Strategy
 from gpt_vision.train import preemption
+from gpt_vision.train.budget import StepBudget, plan_steps
 from gpt_vision.train.config import OptimConfig, ScheduleConfig, TrainConfig
 from gpt_vision.train.metrics import MetricsLogger, memory_bytes
 from gpt_vision.train.optim import learning_rate
@@ -24,7 +25,7 @@ class NonFiniteLossError(UserError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
 
 
-class CollectiveTimeoutError(UserError):
+class CollectiveTimeoutError(RankLocalError):
     """Another rank stopped taking part in a step (hung, stalled or gone) for parallel.timeout_s."""
 
 
@@ -93,6 +94,8 @@ class Trainer:
         evaluate: Callable[[], dict[str, float]] | None = None,
         sample_images: Callable[[int], None] | None = None,
         fault_injector: Callable[[int, Strategy], None] | None = None,
+        budget: StepBudget | None = None,
+        on_plan: Callable[[int], None] | None = None,
     ):
         self.strategy = strategy
         self.objective = objective
@@ -113,6 +116,10 @@ class Trainer:
         self.evaluate = evaluate
         self.sample_images = sample_images
         self.fault_injector = fault_injector
+        self.budget = budget
+        self.on_plan = on_plan
+        # With a budget, train.steps is provisional until the plan: the measurement must finish.
+        self.total_steps = max(train_cfg.steps, budget.steps_to_plan) if budget else train_cfg.steps
         self.state = LoopState()
         self.global_batch = train_cfg.micro_batch_size * train_cfg.grad_accum * strategy.world_size
 
@@ -162,9 +169,10 @@ class Trainer:
         window_max_consecutive = torch.zeros((), device=strategy.device)
         consecutive = torch.full((), float(self.state.consecutive_skips), device=strategy.device)
         last_norm = torch.zeros(())
-        while self.state.step < cfg.steps:
+        while self.state.step < self.total_steps:
             step = self.state.step
-            lr = learning_rate(step, cfg.steps, self.optim_cfg.lr, self.schedule_cfg)
+            step_started = time.perf_counter()
+            lr = learning_rate(step, self.total_steps, self.optim_cfg.lr, self.schedule_cfg)
             loss_sum = torch.zeros((), device=strategy.device)
             for micro in range(cfg.grad_accum):
                 batch = to_device(next(batches), strategy.device)
@@ -186,7 +194,9 @@ class Trainer:
             self.state.step += 1
             self.state.samples += self.global_batch
             window_steps += 1
-            done = self.state.step >= cfg.steps
+            if self.budget is not None and self.budget.record(time.perf_counter() - step_started):
+                self._plan_steps()
+            done = self.state.step >= self.total_steps
             stop_now = strategy.any_rank(preemption.stop_requested())
 
             if window_steps >= cfg.log_every or done or stop_now:
@@ -223,6 +233,22 @@ class Trainer:
                 result.last_checkpoint = self.save()
         result.state = self.state
         return result
+
+    def _plan_steps(self) -> None:
+        """Fix train.steps for the time budget from the slowest rank's step time; the plan
+        travels in every checkpoint's meta (and config.yaml via `on_plan`), so resume keeps it."""
+        world, rank = self.strategy.world_size, self.strategy.rank
+        mine = torch.zeros(2, world, dtype=torch.float64)
+        mine[:, rank] = torch.tensor([self.budget.step_seconds(), self.budget.elapsed()], dtype=torch.float64)
+        step_s, elapsed = self.strategy.all_reduce_sum(mine).max(dim=1).values.tolist()
+        self.total_steps = plan_steps(self.budget.budget_s, elapsed, self.state.step, step_s)
+        self.meta["config"]["train"]["steps"] = self.total_steps
+        self.meta["planned_steps"] = self.total_steps
+        self.logger.message(
+            f"time budget {self.budget.budget_s / 60:g} min: {step_s:.3f} s per step (slowest rank), "
+            f"{elapsed:.0f} s spent, planned train.steps={self.total_steps}")
+        if self.on_plan is not None:
+            self.on_plan(self.total_steps)
 
     def _window_scalars(self, loss: float, lr: float, grad_norm: float, steps: int, seconds: float, skips: int) -> dict:
         samples_per_s = steps * self.global_batch / max(seconds, 1e-9)

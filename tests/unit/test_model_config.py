@@ -28,7 +28,7 @@ def test_unknown_preset_lists_known_names():
         (dict(preset="igpt-tiny", objective="next_patch", image_size=10, patch_size=4), "patch_size"),
         (dict(preset="igpt-tiny", mask_ratio=1.0), "mask_ratio"),
         (dict(preset="igpt-tiny", dropout=-0.1), "dropout"),
-        (dict(preset="igpt-tiny", channels=0), "channels"),
+        (dict(preset="igpt-tiny", channels=-1), "channels"),
     ],
 )
 def test_check_names_the_bad_field(fields, key):
