@@ -269,7 +269,7 @@ def collect_summary(out: Path, timings: dict[str, float], total_seconds: float, 
                          "parameters": results["probe"]["parameters"]["trainable"]},
         "finetune": {"top1": results["finetune"]["top1"], "parameters": results["finetune"]["parameters"]["trainable"]},
         "distill": {"top1": results["distill"]["top1"], "teacher_top1": results["distill"]["teacher"]["top1"],
-                    "labels_only_top1": results["distill"].get("labels_only", {}).get("top1"),
+                    "labels_only_top1": results["distill"]["baselines"].get("labels_only", {}).get("top1"),
                     "parameters": results["distill"]["parameters"]["student"]},
         "seconds": {**{k: round(v, 1) for k, v in timings.items()}, "total": round(total_seconds, 1)},
     }

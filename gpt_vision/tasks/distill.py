@@ -8,19 +8,16 @@ class head); inference averages both heads. The same student is also trained fro
 """
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-from gpt_vision.data.stream import ShardLoader
 from gpt_vision.errors import ConfigError, UserError
-from gpt_vision.model.student import Student, resolve_student
-from gpt_vision.tasks import classify
+from gpt_vision.model.student import Student, StudentShape, resolve_student
+from gpt_vision.tasks.backbone import check_data_fits, count_parameters, freeze, state_checksum
+from gpt_vision.tasks.baselines import pixel_baseline
 from gpt_vision.tasks.finetune import Classifier, load_finetuned
 from gpt_vision.tasks.finetune_config import FinetuneConfig
-from gpt_vision.tasks.probe import freeze, new_optimizer
+from gpt_vision.tasks.harness import FinetuneHarness, accuracy, autocast
 
 
 class TeacherLogits:
@@ -38,7 +35,7 @@ class TeacherLogits:
         if self.cache is not None and all(k in self.cache for k in keys):
             self.hits += len(keys)
             return torch.stack([self.cache[k] for k in keys]).to(self.device)
-        with classify.autocast(self.device):
+        with autocast(self.device):
             logits = self.teacher(batch).float()
         if self.cache is not None:
             for key, row in zip(keys, logits.cpu()):
@@ -46,13 +43,17 @@ class TeacherLogits:
         return logits
 
 
+def smoothed_ce(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+
+
 def distillation_loss(cls: torch.Tensor, dist: torch.Tensor | None, labels: torch.Tensor,
                       teacher: torch.Tensor | None, cfg: FinetuneConfig) -> torch.Tensor:
     """The loss of one batch; teacher=None trains from labels only (both heads on the labels)."""
     smoothing = cfg.task.label_smoothing
-    class_loss = classify.smoothed_ce(cls, labels, smoothing)
+    class_loss = smoothed_ce(cls, labels, smoothing)
     if teacher is None:
-        return class_loss if dist is None else (class_loss + classify.smoothed_ce(dist, labels, smoothing)) / 2
+        return class_loss if dist is None else (class_loss + smoothed_ce(dist, labels, smoothing)) / 2
     target_head = (dist if dist is not None else cls).float()
     if cfg.distill.mode == "soft":
         t = cfg.distill.temperature
@@ -63,108 +64,95 @@ def distillation_loss(cls: torch.Tensor, dist: torch.Tensor | None, labels: torc
     return (1 - cfg.distill.alpha) * class_loss + cfg.distill.alpha * kd
 
 
-def train_student(cfg: FinetuneConfig, student: Student, teacher: TeacherLogits | None, palette, device,
-                  out: Path, tag: str) -> list[float]:
-    loader = ShardLoader(cfg.data, cfg.data.train_split, palette, cfg.train.batch_size, seed=cfg.seed, train=True)
-    optimizer = new_optimizer(student, cfg, device)
-    logger = classify.new_logger(out / tag, cfg, cfg.train.steps)
-
+def train_student(harness: FinetuneHarness, student: Student, teacher: TeacherLogits | None, tag: str) -> list[float]:
     def loss_fn(batch, step):
-        student.train()
-        batch = classify.to_device(batch, device)
         target = teacher(batch) if teacher is not None else None
-        with classify.autocast(device):
+        with autocast(harness.device):
             cls, dist = student(batch)
-            loss = distillation_loss(cls.float(), None if dist is None else dist.float(), batch["label"], target, cfg)
-        return loss, {"accuracy": classify.accuracy(cls, batch["label"])}
+            loss = distillation_loss(cls.float(), None if dist is None else dist.float(), batch["label"], target,
+                                     harness.cfg)
+        return loss, {"accuracy": accuracy(cls, batch["label"])}
 
-    try:
-        return classify.fit(loss_fn, loader, optimizer, cfg, logger, list(student.parameters()), tag=tag)
-    finally:
-        logger.close()
+    return harness.fit(student, loss_fn, harness.train_loader(), tag)
 
 
-def run_distill(cfg: FinetuneConfig) -> dict:
-    """Checks the teacher, student and data first; the output folder is created only then."""
-    started = time.time()
-    device = classify.pick_device(cfg)
-    teacher, palette, described = load_finetuned(cfg.distill.teacher)
-    model_cfg = teacher.backbone.config
-    manifest = classify.check_data_fits(model_cfg, palette, cfg, f"teacher {cfg.distill.teacher}")
-    num_classes = described["num_classes"]
-    if len(manifest.classes) != num_classes:
-        raise UserError(f"teacher {cfg.distill.teacher} predicts {num_classes} classes, the data {manifest.location} "
-                        f"has {len(manifest.classes)}")
-    teacher = freeze(teacher).to(device)
-    teacher_checksum = classify.state_checksum(teacher)
+def student_shape(cfg: FinetuneConfig) -> StudentShape:
     s = cfg.student
     try:
-        shape = resolve_student(s.preset, s.n_layer, s.n_embd, s.n_head, s.patch_size, s.distillation_token)
+        return resolve_student(s.preset, s.n_layer, s.n_embd, s.n_head, s.patch_size, s.distillation_token)
     except ConfigError as error:
         raise error.under("student") from None
 
-    def new_student() -> Student:
-        torch.manual_seed(cfg.seed)
-        try:
-            return Student(shape, model_cfg, num_classes).to(device)
-        except ConfigError as error:
-            raise error.under("student") from None
 
-    teacher_params = classify.count_parameters(teacher)
-    student = new_student()
-    if student.num_parameters() > s.max_param_ratio * teacher_params:
-        raise UserError(f"student {s.preset} has {student.num_parameters():,} parameters, more than "
-                        f"student.max_param_ratio={s.max_param_ratio} of the teacher's {teacher_params:,}; choose a smaller student")
-    augment = cfg.data.augment
-    random_views = bool(augment.random_crop_padding or augment.flip)
-    out = classify.prepare_output_dir(cfg)
-    teacher_logits = TeacherLogits(teacher, device, cfg.distill.cache_teacher_logits and not random_views)
-
-    losses = train_student(cfg, student, teacher_logits, palette, device, out, "distilled")
-    runs = {"distilled": student}
-    baseline_losses = None
-    if cfg.distill.labels_only_baseline:
-        runs["labels_only"] = new_student()
-        baseline_losses = train_student(cfg, runs["labels_only"], None, palette, device, out, "labels_only")
-    if classify.state_checksum(teacher) != teacher_checksum:
-        raise RuntimeError("the teacher's weights changed during distillation")
-
-    test_loader = classify.eval_loader(cfg, cfg.data.val_split, palette)
-    keys, labels, teacher_test = classify.predict(teacher, test_loader, device)
-    evaluated = {}
-    for name, model in runs.items():
-        model.eval()
-        evaluated[name] = classify.predict(model.predict, test_loader, device)
-        if evaluated[name][0] != keys:
-            raise RuntimeError("evaluation passes read the test split in different orders")
-    student.eval()
-    _, _, class_head = classify.predict(lambda b: student(b)[0], test_loader, device)
-    extra = {"teacher_logits": teacher_test, "class_head_logits": class_head}
-    if "labels_only" in evaluated:
-        extra["labels_only_logits"] = evaluated["labels_only"][2]
-    distilled_logits = evaluated["distilled"][2]
-    classify.save_predictions(out / classify.PREDICTIONS_FILE, keys, labels, distilled_logits, **extra)
-    classify.save_model(out, student, {
-        "kind": "student", "teacher": cfg.distill.teacher, "preset": s.preset, "family": shape.family,
-        "n_layer": shape.n_layer, "n_embd": shape.n_embd, "n_head": shape.n_head, "patch_size": shape.patch_size,
-        "distillation_token": shape.distillation_token, "num_classes": num_classes,
-        "classes": list(manifest.classes),
-    }, palette)
-    results = {
-        "task": "distill", "init": f"teacher {cfg.distill.teacher}", "mode": cfg.distill.mode,
-        **classify.classification_metrics(labels, distilled_logits, num_classes),
-        "teacher": classify.classification_metrics(labels, teacher_test, num_classes),
-        "chosen_layer": None, "per_layer": {},
-        "parameters": {"student": student.num_parameters(), "teacher": teacher_params,
-                       "ratio": student.num_parameters() / teacher_params, "trainable": student.num_parameters()},
-        "first_train_loss": losses[0], "final_train_loss": losses[-1],
-        "teacher_checksum": teacher_checksum, "teacher_logit_cache_hits": teacher_logits.hits,
-    }
-    if "labels_only" in evaluated:
-        results["labels_only"] = classify.classification_metrics(labels, evaluated["labels_only"][2], num_classes)
-        results["labels_only"]["final_train_loss"] = baseline_losses[-1]
-    logger = classify.new_logger(out, cfg, 0)
+def new_student(cfg: FinetuneConfig, shape: StudentShape, teacher: Classifier, num_classes: int) -> Student:
+    """The seeded student, refused when it holds more than student.max_param_ratio of the teacher."""
+    torch.manual_seed(cfg.seed)
     try:
-        return classify.report(out, logger, results, num_classes, started)
-    finally:
-        logger.close()
+        student = Student(shape, teacher.backbone.config, num_classes)
+    except ConfigError as error:
+        raise error.under("student") from None
+    teacher_params = count_parameters(teacher)
+    if student.num_parameters() > cfg.student.max_param_ratio * teacher_params:
+        raise UserError(f"student {cfg.student.preset} has {student.num_parameters():,} parameters, more than "
+                        f"student.max_param_ratio={cfg.student.max_param_ratio} of the teacher's {teacher_params:,}; "
+                        "choose a smaller student")
+    return student
+
+
+def load_teacher(cfg: FinetuneConfig):
+    """The frozen teacher, its palette, classes and the manifest, all checked before any output is written."""
+    teacher, palette, described = load_finetuned(cfg.distill.teacher)
+    manifest = check_data_fits(teacher.backbone.config, palette, cfg, f"teacher {cfg.distill.teacher}")
+    if len(manifest.classes) != described["num_classes"]:
+        raise UserError(f"teacher {cfg.distill.teacher} predicts {described['num_classes']} classes, the data "
+                        f"{manifest.location} has {len(manifest.classes)}")
+    return freeze(teacher), palette, manifest
+
+
+def run_distill(cfg: FinetuneConfig) -> dict:
+    """The distilled student beside its teacher, the same student from labels only, and pixels."""
+    teacher, palette, manifest = load_teacher(cfg)
+    shape = student_shape(cfg)
+    student = new_student(cfg, shape, teacher, len(manifest.classes))
+    trainings = 2 if cfg.distill.labels_only_baseline else 1
+    with FinetuneHarness(cfg, palette, manifest, trainings) as harness:
+        teacher_checksum = state_checksum(teacher.to(harness.device))
+        augment = cfg.data.augment
+        logits = TeacherLogits(teacher, harness.device, cfg.distill.cache_teacher_logits
+                               and not (augment.random_crop_padding or augment.flip))
+        losses = train_student(harness, student.to(harness.device), logits, "distilled")
+        predictions = harness.predict(student.predict)
+        baselines, extra = {}, {"teacher_logits": harness.predict(teacher).logits,
+                                "class_head_logits": harness.predict(lambda b: student(b)[0]).logits}
+        if cfg.distill.labels_only_baseline:
+            baselines["labels_only"] = labels_only_baseline(harness, shape, teacher)
+        if "pixels" in cfg.task.baselines:
+            baselines["pixels"] = pixel_baseline(harness, predictions.keys)
+        if state_checksum(teacher) != teacher_checksum:
+            raise RuntimeError("the teacher's weights changed during distillation")
+        harness.save(student, {"kind": "student", "teacher": cfg.distill.teacher, "preset": cfg.student.preset,
+                               **student_description(shape), "num_classes": len(harness.classes)}, predictions, **extra)
+        return harness.report({
+            "init": f"teacher {cfg.distill.teacher}", "mode": cfg.distill.mode,
+            "model": harness.scores(predictions.labels, predictions.logits),
+            "teacher": harness.scores(predictions.labels, extra["teacher_logits"]), "baselines": baselines,
+            "chosen_layer": None, "per_layer": {}, "first_train_loss": losses[0], "final_train_loss": losses[-1],
+            "parameters": {"student": student.num_parameters(), "teacher": count_parameters(teacher),
+                           "ratio": student.num_parameters() / count_parameters(teacher),
+                           "trainable": student.num_parameters()},
+            "teacher_checksum": teacher_checksum, "teacher_logit_cache_hits": logits.hits,
+        })
+
+
+def labels_only_baseline(harness: FinetuneHarness, shape: StudentShape, teacher: Classifier) -> dict:
+    """The same student trained from labels only, scored on the test split."""
+    student = new_student(harness.cfg, shape, teacher, len(harness.classes)).to(harness.device)
+    losses = train_student(harness, student, None, "labels_only")
+    predictions = harness.predict(student.predict)
+    harness.baseline_logits["labels_only"] = predictions.logits
+    return {**harness.scores(predictions.labels, predictions.logits), "final_train_loss": losses[-1]}
+
+
+def student_description(shape: StudentShape) -> dict:
+    return {"family": shape.family, "n_layer": shape.n_layer, "n_embd": shape.n_embd, "n_head": shape.n_head,
+            "patch_size": shape.patch_size, "distillation_token": shape.distillation_token}

@@ -1,5 +1,6 @@
 """Frozen-backbone features for linear probes: one pass over a split, every requested layer at once,
-average-pooled over positions and cached on disk as float16 `.npy`.
+pooled (task.pooling) and cached on disk as float16 `.npy`; and the pooling itself, which the
+fine-tune classifier head shares.
 
 A cache entry is a folder named by a digest of what determines the features (the weights, the
 palette, the split and its shards, the eval-time transform, the layers, the attention), so a
@@ -16,29 +17,65 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from gpt_vision.data.stream import ShardLoader
+from gpt_vision.errors import UserError
 from gpt_vision.model import feature_inputs
 from gpt_vision.model.gpt import GPT
-from gpt_vision.tasks.classify import autocast, state_checksum, to_device
+from gpt_vision.tasks.backbone import state_checksum
+from gpt_vision.tasks.harness import autocast, to_device
 
 FEATURES_FILE = "features.npy"
 
 
+@dataclass(frozen=True)
+class Pooling:
+    """How block outputs [B, L, d] become candidate vectors: see TaskConfig.pooling."""
+
+    kind: str = "mean"
+    grid_size: int = 2
+
+    def dim(self, width: int, layers: int) -> int:
+        """Length of one candidate vector."""
+        if self.kind == "grid":
+            return self.grid_size * self.grid_size * width
+        return width * layers if self.kind == "concat" else width
+
+    def __call__(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+        """[B, candidates, dim]: one candidate per layer, or one for all layers with concat."""
+        if self.kind == "grid":
+            return torch.stack([grid_pool(h, self.grid_size) for h in hidden], dim=1)
+        means = [h.mean(dim=1) for h in hidden]
+        return torch.cat(means, dim=-1)[:, None] if self.kind == "concat" else torch.stack(means, dim=1)
+
+
+def grid_pool(hidden: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, L, d] over a square token grid (raster order) -> k x k cell averages, concatenated [B, k*k*d]."""
+    batch, length, width = hidden.shape
+    side = math.isqrt(length)
+    if side * side != length or k > side:
+        raise UserError(f"task.grid_size={k} does not fit a {length}-token sequence (needs a square grid of side >= {k})")
+    grid = hidden.transpose(1, 2).reshape(batch, width, side, side)
+    return F.adaptive_avg_pool2d(grid, k).permute(0, 2, 3, 1).reshape(batch, k * k * width)
+
+
 @dataclass
 class Features:
-    features: np.ndarray  # float16 [N, layers, d]
+    features: np.ndarray  # float16 [N, candidates, dim]
     labels: np.ndarray  # int64 [N]
     keys: np.ndarray  # str [N]
     layers: list[int]
 
 
 @torch.no_grad()
-def extract_features(model: GPT, loader: ShardLoader, layers: list[int], attention: str | None,
+def extract_features(model: GPT, loader: ShardLoader, layers: list[int], pooling: Pooling, attention: str | None,
                      device: torch.device, progress=None) -> Features:
-    """Mean-pooled outputs of `layers` for every sample of the loader (eval mode, no grad)."""
+    """Pooled outputs of `layers` for every sample of the loader (eval mode, no grad)."""
     was_training = model.training
     model.eval()
     chunks, labels, keys = [], [], []
@@ -46,8 +83,8 @@ def extract_features(model: GPT, loader: ShardLoader, layers: list[int], attenti
         for batch in loader:
             batch = to_device(batch, device)
             with autocast(device):
-                outs = model.features(feature_inputs(model.config, batch), layers, pool="mean", attention=attention)
-            chunks.append(torch.stack(outs, dim=1).to(torch.float16).cpu().numpy())
+                outs = model.features(feature_inputs(model.config, batch), layers, pool="none", attention=attention)
+            chunks.append(pooling([o.float() for o in outs]).to(torch.float16).cpu().numpy())
             labels.append(batch["label"].cpu().numpy())
             keys.extend(batch["key"])
             if progress is not None:
@@ -57,7 +94,7 @@ def extract_features(model: GPT, loader: ShardLoader, layers: list[int], attenti
     return Features(np.concatenate(chunks), np.concatenate(labels), np.asarray(keys), list(layers))
 
 
-def cache_key(model: GPT, palette_centroids: np.ndarray, loader: ShardLoader, layers: list[int],
+def cache_key(model: GPT, palette_centroids: np.ndarray, loader: ShardLoader, layers: list[int], pooling: Pooling,
               attention: str | None) -> str:
     """Digest of everything the features depend on."""
     doc = {
@@ -69,22 +106,23 @@ def cache_key(model: GPT, palette_centroids: np.ndarray, loader: ShardLoader, la
         "shards": [(s.url, s.num_samples) for s in loader.manifest.shards(loader.split)],
         "augment": dataclasses.asdict(loader.cfg.augment),
         "layers": list(layers),
+        "pooling": dataclasses.asdict(pooling),
         "attention": attention,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def cached_features(cache_dir: Path, model: GPT, palette_centroids: np.ndarray, loader: ShardLoader,
-                    layers: list[int], attention: str | None, device: torch.device, progress=None
+                    layers: list[int], pooling: Pooling, attention: str | None, device: torch.device, progress=None
                     ) -> tuple[Features, bool]:
     """Features from the cache, or extracted and stored there; returns (features, was_cached)."""
-    entry = Path(cache_dir) / cache_key(model, palette_centroids, loader, layers, attention)
+    entry = Path(cache_dir) / cache_key(model, palette_centroids, loader, layers, pooling, attention)
     if (entry / FEATURES_FILE).is_file():
         features = np.load(entry / FEATURES_FILE, allow_pickle=False)
         labels = np.load(entry / "labels.npy", allow_pickle=False)
         keys = np.load(entry / "keys.npy", allow_pickle=False)
         return Features(features, labels, keys, list(layers)), True
-    result = extract_features(model, loader, layers, attention, device, progress)
+    result = extract_features(model, loader, layers, pooling, attention, device, progress)
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:

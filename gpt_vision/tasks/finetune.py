@@ -1,14 +1,14 @@
-"""Full fine-tuning: the backbone plus a classification head on pooled features of one layer.
+"""Full fine-tuning: the backbone plus a classification head on pooled features (task.pooling).
 
 iGPT fine-tunes with the classification loss and, optionally, the pretraining objective as well
 (total = CE + generative_weight * objective loss). Layer-wise LR decay gives block i the scale
 layer_decay ** (depth + 1 - (i + 1)) through the `lr_scale` key of its parameter group; the
-embeddings get the smallest scale, the final norm and the heads 1.
+embeddings get the smallest scale, the final norm and the heads 1. The `scratch` baseline trains
+the same classifier from random init on the labels only, for the same steps.
 """
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import torch
@@ -18,40 +18,42 @@ from torch import nn
 
 from gpt_vision.config import build
 from gpt_vision.data.palette import Palette
-from gpt_vision.data.stream import ShardLoader
 from gpt_vision.errors import UserError
 from gpt_vision.export import PALETTE_FILE, WEIGHTS_FILE
 from gpt_vision.model import ModelConfig, build_model, build_objective, feature_inputs
 from gpt_vision.model.gpt import GPT
-from gpt_vision.tasks import classify
-from gpt_vision.tasks.classify import Backbone
+from gpt_vision.tasks.backbone import Backbone, count_parameters, resolve_layers
+from gpt_vision.tasks.baselines import pixel_baseline
+from gpt_vision.tasks.features import Pooling
 from gpt_vision.tasks.finetune_config import FinetuneConfig
-from gpt_vision.tasks.probe import resolve_layers
-from gpt_vision.train.optim import adamw_kwargs
+from gpt_vision.tasks.harness import CLASSIFIER_FILE, FinetuneHarness, accuracy, autocast
 
 
 class Classifier(nn.Module):
-    """Mean-pooled output of block `layer` -> LayerNorm -> dropout -> Linear."""
+    """Pooled output of block(s) `layers` -> LayerNorm -> dropout -> Linear."""
 
-    def __init__(self, backbone: GPT, layer: int, num_classes: int, attention: str | None = None,
-                 head_dropout: float = 0.0):
+    def __init__(self, backbone: GPT, layers: list[int], num_classes: int, attention: str | None = None,
+                 head_dropout: float = 0.0, pooling: Pooling = Pooling()):
         super().__init__()
         self.backbone = backbone
-        self.layer = layer
+        self.layers = list(layers)
         self.attention = attention
-        self.norm = nn.LayerNorm(backbone.config.n_embd)
+        self.pooling = pooling
+        dim = pooling.dim(backbone.config.n_embd, len(self.layers))
+        self.norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(head_dropout)
-        self.head = nn.Linear(backbone.config.n_embd, num_classes)
+        self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, batch: dict) -> torch.Tensor:
         inputs = feature_inputs(self.backbone.config, batch)
-        (pooled,) = self.backbone.features(inputs, [self.layer], pool="mean", attention=self.attention)
-        return self.head(self.dropout(self.norm(pooled)))
+        hidden = self.backbone.features(inputs, self.layers, pool="none", attention=self.attention)
+        return self.head(self.dropout(self.norm(self.pooling(hidden)[:, 0])))
 
     def describe(self) -> dict:
-        return {"model": dataclasses.asdict(self.backbone.config), "layer": self.layer,
+        return {"model": dataclasses.asdict(self.backbone.config), "layers": self.layers,
+                "pooling": self.pooling.kind, "grid_size": self.pooling.grid_size,
                 "attention": self.attention or "", "num_classes": self.head.out_features,
                 "head_dropout": self.dropout.p}
 
@@ -59,15 +61,16 @@ class Classifier(nn.Module):
 def load_finetuned(path: str | Path) -> tuple[Classifier, Palette, dict]:
     """A finetune output folder as (classifier on CPU, palette, its classifier.yaml)."""
     path = Path(path)
-    described = path / classify.CLASSIFIER_FILE
+    described = path / CLASSIFIER_FILE
     if not described.is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise UserError(f"{path} is not a finetune output (expected {WEIGHTS_FILE} and {classify.CLASSIFIER_FILE})")
+        raise UserError(f"{path} is not a finetune output (expected {WEIGHTS_FILE} and {CLASSIFIER_FILE})")
     doc = yaml.safe_load(described.read_text()) or {}
     if doc.get("kind") != "finetune":
         raise UserError(f"{described} describes a {doc.get('kind')!r} head; a teacher must be a task.kind=finetune output")
     model_cfg = build(ModelConfig, doc["model"], prefix="model")
-    classifier = Classifier(build_model(model_cfg), doc["layer"], doc["num_classes"], doc["attention"] or None,
-                            doc.get("head_dropout", 0.0))
+    pooling = Pooling(doc.get("pooling", "mean"), doc.get("grid_size", 2))
+    classifier = Classifier(build_model(model_cfg), doc.get("layers", [doc.get("layer")]), doc["num_classes"],
+                            doc["attention"] or None, doc.get("head_dropout", 0.0), pooling)
     missing, unexpected = classifier.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=False)
     if missing or unexpected:
         raise UserError(f"{path / WEIGHTS_FILE} does not fit {described} (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -99,51 +102,64 @@ def layer_decay_groups(classifier: Classifier, cfg: FinetuneConfig) -> list[dict
     return [groups[key] for key in sorted(groups)]
 
 
-def run_finetune(cfg: FinetuneConfig, backbone: Backbone, out: Path) -> dict:
-    started = time.time()
-    device = classify.pick_device(cfg)
-    model = backbone.model
-    (layer,) = resolve_layers(cfg.task.layers, model.config.n_layer, auto="last")
-    train_loader = ShardLoader(cfg.data, cfg.data.train_split, backbone.palette, cfg.train.batch_size,
-                               seed=cfg.seed, train=True)
-    num_classes = len(train_loader.manifest.classes)
-    torch.manual_seed(cfg.seed)
-    classifier = Classifier(model, layer, num_classes, cfg.task.attention or None, cfg.task.head_dropout).to(device)
-    optimizer = torch.optim.AdamW(layer_decay_groups(classifier, cfg), **adamw_kwargs(cfg.optim, device))
-    objective = build_objective(model.config) if cfg.task.generative_weight else None
-    logger = classify.new_logger(out, cfg, cfg.train.steps)
+def train_classifier(harness: FinetuneHarness, classifier: Classifier, generative_weight: float, tag: str) -> list[float]:
+    """Class cross-entropy (+ generative_weight * the backbone's pretraining objective) for train.steps."""
+    cfg, device = harness.cfg, harness.device
+    objective = build_objective(classifier.backbone.config) if generative_weight else None
 
     def loss_fn(batch, step):
-        classifier.train()
-        batch = classify.to_device(batch, device)
-        with classify.autocast(device):
+        with autocast(device):
             logits = classifier(batch)
-            loss = classify.smoothed_ce(logits, batch["label"], cfg.task.label_smoothing)
-            stats = {"accuracy": classify.accuracy(logits, batch["label"]), "class_loss": float(loss.detach())}
+            loss = nn.functional.cross_entropy(logits.float(), batch["label"], label_smoothing=cfg.task.label_smoothing)
+            stats = {"accuracy": accuracy(logits, batch["label"]), "class_loss": float(loss.detach())}
             if objective is not None:
                 generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-                generative, _ = objective(model, batch, generator)
-                loss = loss + cfg.task.generative_weight * generative
+                generative, _ = objective(classifier.backbone, batch, generator)
+                loss = loss + generative_weight * generative
                 stats["generative_loss"] = float(generative.detach())
         return loss, stats
 
-    try:
-        losses = classify.fit(loss_fn, train_loader, optimizer, cfg, logger, list(classifier.parameters()), tag="finetune")
-        classifier.eval()
-        test_loader = classify.eval_loader(cfg, cfg.data.val_split, backbone.palette)
-        keys, labels, logits = classify.predict(classifier, test_loader, device)
-        classify.save_predictions(out / classify.PREDICTIONS_FILE, keys, labels, logits)
-        classify.save_model(out, classifier, {"kind": "finetune", "init": backbone.source, **classifier.describe(),
-                                              "classes": list(test_loader.manifest.classes)}, backbone.palette)
-        head = classify.count_parameters(classifier) - classify.count_parameters(model)
-        results = {
-            "task": "finetune", "init": backbone.source,
-            **classify.classification_metrics(labels, logits, num_classes),
-            "chosen_layer": layer, "per_layer": {},
-            "parameters": {"backbone": classify.count_parameters(model), "head": head,
-                           "trainable": classify.count_parameters(classifier, trainable_only=True)},
-            "first_train_loss": losses[0], "final_train_loss": losses[-1],
-        }
-        return classify.report(out, logger, results, num_classes, started)
-    finally:
-        logger.close()
+    optimizer = harness.optimizer(classifier, layer_decay_groups(classifier, cfg))
+    return harness.fit(classifier, loss_fn, harness.train_loader(), tag, optimizer)
+
+
+def new_classifier(harness: FinetuneHarness, backbone: GPT) -> Classifier:
+    task = harness.cfg.task
+    harness.seed()
+    layers = resolve_layers(task.layers, backbone.config.n_layer, auto="last")
+    return Classifier(backbone, layers, len(harness.classes), task.attention or None, task.head_dropout,
+                      Pooling(task.pooling, task.grid_size)).to(harness.device)
+
+
+def scratch_baseline(harness: FinetuneHarness, backbone: GPT, test_keys: list[str]) -> dict:
+    """The same classifier from random init, labels only, the same steps and test samples."""
+    harness.seed()
+    classifier = new_classifier(harness, build_model(backbone.config))
+    losses = train_classifier(harness, classifier, 0.0, tag="baseline_scratch")
+    predictions = harness.predict(classifier)
+    if predictions.keys != test_keys:
+        raise RuntimeError("the scratch baseline read different test samples than the model")
+    harness.baseline_logits["scratch"] = predictions.logits
+    return {**harness.scores(predictions.labels, predictions.logits), "final_train_loss": losses[-1]}
+
+
+def run_finetune(cfg: FinetuneConfig, backbone: Backbone) -> dict:
+    trainings = 2 if "scratch" in cfg.task.baselines else 1
+    with FinetuneHarness(cfg, backbone.palette, backbone.manifest, trainings) as harness:
+        classifier = new_classifier(harness, backbone.model)
+        losses = train_classifier(harness, classifier, cfg.task.generative_weight, tag="finetune")
+        predictions = harness.predict(classifier)
+        baselines = {}
+        if "pixels" in cfg.task.baselines:
+            baselines["pixels"] = pixel_baseline(harness, predictions.keys)
+        if "scratch" in cfg.task.baselines:
+            baselines["scratch"] = scratch_baseline(harness, backbone.model, predictions.keys)
+        harness.save(classifier, {"kind": "finetune", "init": backbone.source, **classifier.describe()}, predictions)
+        backbone_params = count_parameters(backbone.model)
+        return harness.report({
+            "init": backbone.source, "model": harness.scores(predictions.labels, predictions.logits),
+            "baselines": baselines, "chosen_layer": classifier.layers if cfg.task.pooling == "concat" else classifier.layers[0],
+            "per_layer": {}, "first_train_loss": losses[0], "final_train_loss": losses[-1],
+            "parameters": {"backbone": backbone_params, "head": count_parameters(classifier) - backbone_params,
+                           "trainable": count_parameters(classifier, trainable_only=True)},
+        })

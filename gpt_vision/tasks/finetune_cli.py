@@ -7,30 +7,30 @@ import logging
 
 from gpt_vision.config import load_config
 from gpt_vision.tasks.finetune_config import FinetuneConfig
+from gpt_vision.tasks.scores import summary
 from gpt_vision.threads import configure_threads
 
 
 def run(cfg: FinetuneConfig) -> dict:
     """Run the configured task; returns what was written to results.json."""
-    from gpt_vision.tasks import classify
-
     if cfg.task.kind == "distill":
         from gpt_vision.tasks.distill import run_distill
 
         return run_distill(cfg)
-    backbone = classify.load_backbone(cfg)
-    out = classify.prepare_output_dir(cfg)
+    from gpt_vision.tasks.backbone import load_backbone
+
+    backbone = load_backbone(cfg)
     if cfg.task.kind == "linear_probe":
         from gpt_vision.tasks.probe import run_linear_probe
 
-        return run_linear_probe(cfg, backbone, out)
+        return run_linear_probe(cfg, backbone)
     if cfg.task.kind == "attentive_probe":
         from gpt_vision.tasks.probe import run_attentive_probe
 
-        return run_attentive_probe(cfg, backbone, out)
+        return run_attentive_probe(cfg, backbone)
     from gpt_vision.tasks.finetune import run_finetune
 
-    return run_finetune(cfg, backbone, out)
+    return run_finetune(cfg, backbone)
 
 
 def main(argv: list[str] | None, prog: str) -> int:
@@ -42,7 +42,5 @@ def main(argv: list[str] | None, prog: str) -> int:
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
     configure_threads(local_ranks=1)
     results = run(cfg)
-    layer = f" layer {results['chosen_layer']}" if results.get("chosen_layer") is not None else ""
-    print(f"{cfg.task.kind}{layer}: top1 {results['top1']:.4f} top5 {results['top5']:.4f} "
-          f"({results['samples']} test samples, {results['wall_time_s']:.0f}s) -> {cfg.output_dir}", flush=True)
+    print(f"{summary(cfg.task.kind, results)} -> {cfg.output_dir}", flush=True)
     return 0

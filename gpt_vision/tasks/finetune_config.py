@@ -16,18 +16,35 @@ from gpt_vision.train.config import LoggingConfig, OptimConfig, ScheduleConfig
 TaskKind = Literal["linear_probe", "attentive_probe", "finetune", "distill"]
 
 
+Pooling = Literal["mean", "grid", "concat"]
+Baseline = Literal["pixels", "scratch"]
+
+
 @dataclass
 class TaskConfig:
-    """What is trained on top of the backbone, and from which of its layers."""
+    """What is trained on top of the backbone, from which of its layers, and what it is compared with."""
 
     kind: TaskKind = "linear_probe"
     # "auto": linear_probe sweeps every layer (picked on a validation split carved from train);
     # attentive_probe and finetune use the last layer. A list of block indices (negative from the
-    # end): linear_probe sweeps them (or concatenates them with concat), the others take one.
+    # end): linear_probe sweeps them (pooling=concat joins them), the others take one (or concat).
     layers: list[int] | str = "auto"
-    concat: bool = False
-    # Fraction of the training split held out (seeded) to choose the probe's layer.
+    # How a layer's [positions, d] outputs become one vector: mean (iGPT: average over positions),
+    # grid (grid_size x grid_size average pooling of the token grid, concatenated), concat (the
+    # means of every layer in task.layers, concatenated). attentive_probe pools by attention (mean).
+    pooling: Pooling = "mean"
+    grid_size: int = 2
+    # Fraction of the training split held out (seeded) to choose the probe's layer and L2.
     val_fraction: float = 0.1
+    # linear_probe (and the pixel baseline): lbfgs = full-batch logistic regression on standardized
+    # features solved to convergence for each probe_l2, the best on the validation carve; adamw =
+    # minibatch steps with optim.* and train.steps.
+    probe_solver: Literal["lbfgs", "adamw"] = "lbfgs"
+    probe_l2: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
+    probe_max_iter: int = 200
+    # Computed in the same run on the same splits and image size: pixels = the linear probe on
+    # standardized raw pixels; scratch = the same classifier from random init (finetune only).
+    baselines: list[Baseline] = field(default_factory=lambda: ["pixels", "scratch"])
     # Attention of the frozen/fine-tuned backbone when extracting features; "" = the objective's own.
     attention: Literal["", "causal", "bidirectional"] = ""
     attentive_heads: int = 4
@@ -43,13 +60,23 @@ class TaskConfig:
             raise ConfigError("layers", f"must be 'auto' or a list of layer indices, got {self.layers!r}")
         if isinstance(self.layers, list) and not self.layers:
             raise ConfigError("layers", "is an empty list (use 'auto' or name at least one layer)")
-        single = self.kind in ("attentive_probe", "finetune")
-        if single and isinstance(self.layers, list) and len(self.layers) != 1:
-            raise ConfigError("layers", f"{self.kind} uses one layer, got {self.layers}")
-        if self.concat and (self.kind != "linear_probe" or not isinstance(self.layers, list)):
-            raise ConfigError("concat", "needs kind=linear_probe and an explicit list of layers")
+        if self.pooling == "concat":
+            if self.kind not in ("linear_probe", "finetune") or not isinstance(self.layers, list):
+                raise ConfigError("pooling", "concat needs kind=linear_probe or finetune and an explicit list of layers")
+        elif self.kind in ("attentive_probe", "finetune") and isinstance(self.layers, list) and len(self.layers) != 1:
+            raise ConfigError("layers", f"{self.kind} uses one layer (or pooling=concat), got {self.layers}")
+        if self.kind == "attentive_probe" and self.pooling != "mean":
+            raise ConfigError("pooling", "attentive_probe pools by attention; leave pooling=mean")
+        if self.grid_size < 1:
+            raise ConfigError("grid_size", f"must be >= 1, got {self.grid_size}")
         if not 0.0 <= self.val_fraction < 0.9:
             raise ConfigError("val_fraction", f"must be in [0, 0.9), got {self.val_fraction}")
+        if not self.probe_l2 or any(value < 0 for value in self.probe_l2):
+            raise ConfigError("probe_l2", f"must be a non-empty list of values >= 0, got {self.probe_l2}")
+        if self.probe_max_iter < 1:
+            raise ConfigError("probe_max_iter", f"must be >= 1, got {self.probe_max_iter}")
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ConfigError("baselines", f"lists a baseline twice: {self.baselines}")
         if self.attentive_heads < 1:
             raise ConfigError("attentive_heads", f"must be >= 1, got {self.attentive_heads}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -60,6 +87,23 @@ class TaskConfig:
             raise ConfigError("layer_decay", f"must be in (0, 1], got {self.layer_decay}")
         if not 0.0 <= self.head_dropout < 1.0:
             raise ConfigError("head_dropout", f"must be in [0, 1), got {self.head_dropout}")
+
+
+@dataclass
+class FinetuneDataConfig(DataConfig):
+    """The data section of fine-tuning: train on `train_split`, report on `test_split`. The split
+    that chooses a probe's layer is carved from train (task.val_fraction); `val_split` is the
+    pretraining validation split and must not be set to anything else here."""
+
+    test_split: str = "test"
+
+    def check(self) -> None:
+        super().check()
+        if not self.test_split:
+            raise ConfigError("test_split", "must name the split the results are reported on")
+        if self.val_split != DataConfig.val_split and self.val_split != self.test_split:
+            raise ConfigError("val_split", f"is not used by fine-tuning; set data.test_split={self.val_split} "
+                                           "for the reported split (layer choice uses task.val_fraction)")
 
 
 @dataclass
@@ -131,7 +175,7 @@ class FinetuneConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     task: TaskConfig = field(default_factory=TaskConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     # Only `path` is read: the palette for HF ImageGPT inits, or a cross-check of the checkpoint's.
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)

@@ -10,7 +10,7 @@ import torch
 
 from gpt_vision.config import load_config
 from gpt_vision.export import load_pretrained
-from gpt_vision.tasks.classify import load_backbone
+from gpt_vision.tasks.backbone import load_backbone
 from gpt_vision.tasks.finetune_cli import run
 from gpt_vision.tasks.finetune_config import FinetuneConfig
 from toydata import tiny_overrides

@@ -35,10 +35,12 @@ def test_probe_from_the_command_line(setup, tmp_path):
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert f"top1 {results['top1']:.4f}" in done.stdout
+    assert f"| pixels {results['baselines']['pixels']['top1']:.4f}" in done.stdout
     assert (tmp_path / "out" / "config.yaml").is_file()
 
 
-@pytest.mark.parametrize("case", ["missing", "incomplete", "not_checkpoint", "geometry", "no_init", "unknown_key"])
+@pytest.mark.parametrize("case", ["missing", "incomplete", "not_checkpoint", "geometry", "no_init", "unknown_key",
+                                  "no_test_split"])
 def test_bad_init_exits_2_with_one_line(setup, tmp_path, case):
     manifest, init = setup
     args = [f"init={init}"]
@@ -57,6 +59,8 @@ def test_bad_init_exits_2_with_one_line(setup, tmp_path, case):
         manifest = write_brightness_shards(tmp_path / "big", train=8, test=8, size=10)
     elif case == "no_init":
         args = []
+    elif case == "no_test_split":
+        args.append("data.test_split=holdout")
     else:
         args.append("task.layer=3")
     done = finetune(manifest, tmp_path / "out", *args)

@@ -13,7 +13,7 @@ from gpt_vision.data.palette import Palette
 from gpt_vision.errors import UserError
 from gpt_vision.export import export_checkpoint, load_pretrained
 from gpt_vision.interop.hf_imagegpt import export_hf_imagegpt
-from gpt_vision.tasks.classify import load_backbone
+from gpt_vision.tasks.backbone import load_backbone
 from gpt_vision.tasks.finetune_config import FinetuneConfig
 
 

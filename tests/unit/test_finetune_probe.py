@@ -8,7 +8,8 @@ import pytest
 from finetune_fixtures import one_thread, finetune_overrides, random_init_export, write_brightness_shards  # noqa: F401
 from gpt_vision.config import load_config
 from gpt_vision.export import load_pretrained
-from gpt_vision.tasks import classify
+from gpt_vision.tasks.backbone import state_checksum
+from gpt_vision.tasks.scores import classification_metrics
 from gpt_vision.tasks.finetune_cli import run
 from gpt_vision.tasks.finetune_config import FinetuneConfig
 
@@ -29,7 +30,7 @@ def probe(manifest, init, out, *extra):
 
 def test_layer_sweep_reaches_high_accuracy_and_leaves_backbone_unchanged(setup, tmp_path):
     manifest, init = setup
-    before = classify.state_checksum(load_pretrained(init).model)
+    before = state_checksum(load_pretrained(init).model)
     results = probe(manifest, init, tmp_path / "out", "task.layers=auto", "task.val_fraction=0.25")
     assert results["top1"] >= 0.9  # 3 classes: chance is 0.33
     assert set(results["per_layer"]) == {"0", "1"}
@@ -37,12 +38,12 @@ def test_layer_sweep_reaches_high_accuracy_and_leaves_backbone_unchanged(setup, 
     best = max(results["per_layer"], key=lambda k: results["per_layer"][k])
     assert results["per_layer"][str(results["chosen_layer"])] == results["per_layer"][best]
     assert results["backbone_checksum"] == before
-    assert classify.state_checksum(load_pretrained(init).model) == before
-    assert results["val_samples"] == 60 and results["train_samples"] == 180 and results["samples"] == 90
+    assert state_checksum(load_pretrained(init).model) == before
+    assert results["data"]["val_samples"] == 60 and results["data"]["train_samples"] == 180 and results["samples"] == 90
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     predictions = np.load(tmp_path / "out" / "predictions.npz")
-    recomputed = classify.classification_metrics(predictions["labels"], predictions["logits"], 3)
-    assert recomputed["top1"] == saved["top1"] and recomputed["per_class"] == saved["per_class"]
+    recomputed = classification_metrics(predictions["labels"], predictions["logits"], ["b0", "b1", "b2"])
+    assert recomputed == saved["model"] and recomputed["top1"] == saved["top1"]
     assert len(set(predictions["keys"].tolist())) == 90  # every test sample exactly once
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert list((tmp_path / "out" / "tensorboard").iterdir())
@@ -74,14 +75,14 @@ def test_overwrite_keeps_the_feature_cache_and_refuses_without_it(setup, tmp_pat
 
 def test_concatenated_layers(setup, tmp_path):
     manifest, init = setup
-    results = probe(manifest, init, tmp_path / "out", "task.layers=[0, 1]", "task.concat=true")
+    results = probe(manifest, init, tmp_path / "out", "task.layers=[0, 1]", "task.pooling=concat")
     assert results["chosen_layer"] == [0, 1]
     assert results["top1"] >= 0.9
 
 
 def test_attentive_probe(setup, tmp_path):
     manifest, init = setup
-    before = classify.state_checksum(load_pretrained(init).model)
+    before = state_checksum(load_pretrained(init).model)
     cfg = load_config(FinetuneConfig, None, finetune_overrides(
         manifest, tmp_path / "out", f"init={init}", "task.kind=attentive_probe", "task.attentive_heads=2",
         "train.steps=120", "train.batch_size=16", "optim.lr=3e-3"))

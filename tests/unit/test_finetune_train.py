@@ -8,14 +8,17 @@ import torch
 
 from finetune_fixtures import one_thread, finetune_overrides, random_init_export, write_brightness_shards  # noqa: F401
 from gpt_vision.config import load_config
+from gpt_vision.data.stream import ShardLoader
 from gpt_vision.errors import UserError
 from gpt_vision.model.student import Student, resolve_student
-from gpt_vision.tasks import classify
+from gpt_vision.tasks.backbone import state_checksum
+from gpt_vision.tasks.scores import classification_metrics
 from gpt_vision.tasks.finetune import layer_decay_groups, load_finetuned
 from gpt_vision.tasks.finetune_cli import run
 from gpt_vision.tasks.finetune_config import FinetuneConfig
 
-RESULT_KEYS = {"top1", "top5", "per_class", "chosen_layer", "per_layer", "parameters", "wall_time_s", "init"}
+RESULT_KEYS = {"top1", "top5", "model", "baselines", "data", "chosen_layer", "per_layer", "parameters", "wall_time_s", "init"}
+NAMES = ["b0", "b1", "b2"]
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +33,10 @@ def setup(tmp_path_factory):
     return manifest, root / "teacher", run(cfg)
 
 
-def recomputed(out, num_classes=3):
+def recomputed(out):
     saved = json.loads((out / "results.json").read_text())
     predictions = np.load(out / "predictions.npz")
-    again = classify.classification_metrics(predictions["labels"], predictions["logits"], num_classes)
+    again = classification_metrics(predictions["labels"], predictions["logits"], NAMES)
     return saved, again, predictions
 
 
@@ -50,10 +53,30 @@ def test_finetune_learns_and_reports_consistently(setup):
     assert np.mean(losses[-3:]) < np.mean(losses[:2])
     assert results["top1"] >= 0.8
     saved, again, predictions = recomputed(out)
-    assert again["top1"] == saved["top1"] and again["top5"] == saved["top5"]
-    assert again["per_class"] == saved["per_class"] and again["confusion"] == saved["confusion"]
+    assert again == saved["model"] and again["top1"] == saved["top1"] and again["top5"] == saved["top5"]
+    assert list(saved["model"]["per_class"]) == saved["data"]["classes"] == NAMES
     assert sorted(predictions["keys"].tolist()) == sorted(set(predictions["keys"].tolist())) and saved["samples"] == 90
     assert saved["parameters"]["trainable"] == saved["parameters"]["backbone"] + saved["parameters"]["head"]
+    scratch, pixels = saved["baselines"]["scratch"], saved["baselines"]["pixels"]
+    assert scratch["samples"] == pixels["samples"] == 90 and list(scratch["per_class"]) == NAMES
+    assert pixels["top1"] == 1.0  # brightness buckets are linearly separable in pixels
+    assert scratch["final_train_loss"] > 0 and scratch["top1"] == classification_metrics(
+        predictions["labels"], predictions["scratch_logits"], NAMES)["top1"]
+
+
+@pytest.mark.parametrize("pooling", ["grid", "concat"])
+def test_pooled_heads_train_and_reload(setup, tmp_path, pooling):
+    manifest, teacher_dir, _ = setup
+    init = load_finetuned(teacher_dir)[2]["init"].split(" ", 1)[1]
+    out = tmp_path / pooling
+    results = run(load_config(FinetuneConfig, None, finetune_overrides(
+        manifest, out, f"init={init}", "task.kind=finetune", f"task.pooling={pooling}", "task.grid_size=2",
+        "task.layers=[0, 1]" if pooling == "concat" else "task.layers=[0]", "task.head_dropout=0.5",
+        "task.baselines=[]", "train.steps=5", "train.batch_size=16", "schedule.warmup_steps=1")))
+    classifier, _, described = load_finetuned(out)
+    assert described["pooling"] == pooling and described["head_dropout"] == 0.5
+    assert classifier.head.in_features == (4 * 64 if pooling == "grid" else 2 * 64)
+    assert results["baselines"] == {} and results["chosen_layer"] == ([0, 1] if pooling == "concat" else 0)
 
 
 def test_finetune_output_reloads_as_the_same_classifier(setup):
@@ -62,11 +85,14 @@ def test_finetune_output_reloads_as_the_same_classifier(setup):
     assert described["kind"] == "finetune" and described["num_classes"] == 3
     classifier.eval()
     data = load_config(FinetuneConfig, None, finetune_overrides(manifest, out, "init=x")).data
-    loader = classify.ShardLoader(data, "test", palette, 32, train=False)
-    keys, labels, logits = classify.predict(classifier, loader, torch.device("cpu"))
+    keys, logits = [], []
+    with torch.no_grad():
+        for batch in ShardLoader(data, "test", palette, 32, train=False):
+            keys.extend(batch["key"])
+            logits.append(classifier(batch).numpy())
     predictions = np.load(out / "predictions.npz")
     assert keys == predictions["keys"].tolist()
-    np.testing.assert_allclose(logits, predictions["logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(logits), predictions["logits"], rtol=1e-5, atol=1e-5)
 
 
 def test_layer_decay_scales_by_depth(setup):
@@ -88,21 +114,22 @@ def test_layer_decay_scales_by_depth(setup):
 @pytest.mark.parametrize("mode,preset", [("hard", "gpt-student-tiny"), ("soft", "vit-tiny")])
 def test_distill_modes(setup, tmp_path, mode, preset):
     manifest, teacher_dir, _ = setup
-    teacher_before = classify.state_checksum(load_finetuned(teacher_dir)[0])
+    teacher_before = state_checksum(load_finetuned(teacher_dir)[0])
     out = tmp_path / mode
     cfg = load_config(FinetuneConfig, None, finetune_overrides(
         manifest, out, "task.kind=distill", f"distill.teacher={teacher_dir}", f"distill.mode={mode}",
         f"student.preset={preset}", "student.n_embd=16", "student.n_head=2", "student.n_layer=1",
         "train.steps=30", "train.batch_size=16", "optim.lr=3e-3"))
     results = run(cfg)
-    assert classify.state_checksum(load_finetuned(teacher_dir)[0]) == teacher_before == results["teacher_checksum"]
+    assert state_checksum(load_finetuned(teacher_dir)[0]) == teacher_before == results["teacher_checksum"]
     assert results["final_train_loss"] < results["first_train_loss"]
     assert results["parameters"]["ratio"] <= 0.25
-    assert {"labels_only", "teacher", "mode"} <= set(results) and RESULT_KEYS <= set(results)
+    assert {"teacher", "mode"} <= set(results) and RESULT_KEYS <= set(results)
+    assert set(results["baselines"]) == {"labels_only", "pixels"}
     assert results["teacher_logit_cache_hits"] > 0  # no random augmentation: views repeat, logits are reused
     saved, again, predictions = recomputed(out)
-    assert again["top1"] == saved["top1"] and again["per_class"] == saved["per_class"]
-    teacher_again = classify.classification_metrics(predictions["labels"], predictions["teacher_logits"], 3)
+    assert again == saved["model"] and again["top1"] == saved["top1"]
+    teacher_again = classification_metrics(predictions["labels"], predictions["teacher_logits"], NAMES)
     assert teacher_again["top1"] == saved["teacher"]["top1"]
     # inference averages the class and distillation heads
     assert not np.allclose(predictions["logits"], predictions["class_head_logits"])
