@@ -238,7 +238,7 @@ from gpt_vision.data.config import DataConfig, TokenizerConfig  # noqa: E402
 from gpt_vision.model.config import ModelConfig  # noqa: E402
 from gpt_vision.parallel.config import ParallelConfig  # noqa: E402
 from gpt_vision.slurm import SlurmConfig  # noqa: E402
-from gpt_vision.train.config import LoggingConfig, OptimConfig, ScheduleConfig, TrainConfig  # noqa: E402
+from gpt_vision.train.config import LoggingConfig, OnlineProbeConfig, OptimConfig, ScheduleConfig, TrainConfig  # noqa: E402
 
 
 @dataclass
@@ -258,6 +258,7 @@ class PretrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    online_probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)

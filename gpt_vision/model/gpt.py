@@ -224,12 +224,17 @@ class GPT(nn.Module):
         mask: torch.Tensor | None = None,
         attention: Attention | None = None,
         prefix_len: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        features: list[int] | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
         """Logits [B, L, vocab] (token objectives) or patch predictions [B, N, patch_dim] (next_patch).
 
         attention defaults to the objective's own: causal (next_pixel), bidirectional (masked_pixel),
         prefix (next_patch: positions < prefix_len[b] see each other, later ones are causal).
+        With `features` (block indices), returns `self.features(..., pool="none")` of those blocks
+        instead: sharding wrappers (FSDP, ZeRO-3) gather parameters only around a call of the module.
         """
+        if features is not None:
+            return self.features(inputs, features, pool="none", attention=attention, mask=mask)
         x = self._embed(inputs, mask)
         L = x.shape[1]
         x = self.drop(x + self._positions(0, L, x))

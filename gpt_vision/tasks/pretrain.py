@@ -19,6 +19,7 @@ from gpt_vision.errors import UserError
 from gpt_vision.model import ModelConfig, build_model, build_objective, flops_per_token
 from gpt_vision.parallel import build_strategy
 from gpt_vision.parallel.base import Strategy
+from gpt_vision.tasks.online_probe import OnlineProbe
 from gpt_vision.train.budget import StepBudget
 from gpt_vision.train.loop import LoopResult, Trainer, to_device
 from gpt_vision.train.metrics import MetricsLogger, image_grid, measure_matmul_flops
@@ -193,6 +194,8 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, fault_injector=None) -> L
               **({"planned_steps": planned} if planned else {})},
         checkpoint_files={PALETTE_FILE: (run_dir / PALETTE_FILE).read_bytes()},
         evaluate=_evaluator(cfg, strategy, objective, palette) if train.eval_every else None,
+        probe=OnlineProbe(cfg.online_probe, cfg.data, palette, model_cfg, strategy, train.micro_batch_size,
+                          cfg.seed, logger.message) if train.probe_every else None,
         sample_images=_sampler(strategy, model_cfg, palette, logger) if model_cfg.objective == "next_pixel" else None,
         fault_injector=fault_injector,
         budget=StepBudget(train.time_budget_min, started) if train.time_budget_min and not planned else None,

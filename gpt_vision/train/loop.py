@@ -92,6 +92,7 @@ class Trainer:
         meta: dict[str, Any],
         checkpoint_files: dict[str, bytes] | None = None,
         evaluate: Callable[[], dict[str, float]] | None = None,
+        probe: Callable[[], dict[str, float]] | None = None,
         sample_images: Callable[[int], None] | None = None,
         fault_injector: Callable[[int, Strategy], None] | None = None,
         budget: StepBudget | None = None,
@@ -114,6 +115,7 @@ class Trainer:
         self.meta = meta
         self.checkpoint_files = checkpoint_files or {}
         self.evaluate = evaluate
+        self.probe = probe
         self.sample_images = sample_images
         self.fault_injector = fault_injector
         self.budget = budget
@@ -221,6 +223,8 @@ class Trainer:
 
             if self.evaluate is not None and cfg.eval_every and (self.state.step % cfg.eval_every == 0 or done):
                 self.logger.scalars(self.state.step, self.evaluate(), "val")
+            if self.probe is not None and cfg.probe_every and (self.state.step % cfg.probe_every == 0 or done):
+                self.logger.scalars(self.state.step, self.probe(), "probe")
             if self.sample_images is not None and cfg.sample_every and self.state.step % cfg.sample_every == 0:
                 self.sample_images(self.state.step)
             if stop_now:
