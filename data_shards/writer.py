@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from gpt_vision.data.manifest import FORMAT, MANIFEST_NAME, MODES, write_manifest
 from gpt_vision.errors import UserError
 
-from .manifest import FORMAT, MANIFEST_NAME, MODES, write_manifest
 from .sources import check_arrays
 from .splits import ArraySplit, BadImage, Split
 
@@ -298,6 +298,7 @@ class _SplitShards:
         entry = self.entries[-1]
         entry["num_samples"] = self._in_shard
         entry["sha256"] = file_sha256(self.partials[-1])
+        entry["bytes"] = self.partials[-1].stat().st_size
 
 
 def file_sha256(path: Path) -> str:

@@ -96,9 +96,9 @@ def read_split(out_dir: Path, split: str) -> tuple[list[str], np.ndarray, list[i
     """Read one split back with webdataset itself: keys, decoded pixels, labels (None if absent)."""
     import webdataset as wds
 
-    from data_shards import read_manifest, shard_files
+    from gpt_vision.data.manifest import load_manifest
 
-    urls = [str(p) for p in shard_files(read_manifest(out_dir), split, out_dir)]
+    urls = [shard.url for shard in load_manifest(out_dir).splits[split]]
     keys, images, labels = [], [], []
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         keys.append(sample["__key__"])

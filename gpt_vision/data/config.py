@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 from gpt_vision.errors import ConfigError
 
+VERIFY_MODES = ("hash", "size", "off")
+
 
 @dataclass
 class AugmentConfig:
@@ -35,6 +37,8 @@ class DataConfig:
     resampled: bool = False
     max_bad_fraction: float = 0.01
     bad_window: int = 1000
+    allow_pipe: bool = False
+    verify: str = "hash"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def check(self) -> None:
@@ -52,6 +56,8 @@ class DataConfig:
             raise ConfigError("max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
         if self.bad_window < 1:
             raise ConfigError("bad_window", f"must be >= 1, got {self.bad_window}")
+        if self.verify not in VERIFY_MODES:
+            raise ConfigError("verify", f"is {self.verify!r}, expected one of {', '.join(VERIFY_MODES)}")
         try:
             self.augment.check()
         except ConfigError as error:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from gpt_vision.data.config import DataConfig, TokenizerConfig
 from gpt_vision.data.decode import BadSample, decode_sample
+from gpt_vision.data.integrity import ShardAccess
 from gpt_vision.data.manifest import Manifest, load_manifest
 from gpt_vision.data.tarstream import iter_raw_samples
 from gpt_vision.errors import UserError
@@ -101,7 +102,7 @@ def _nearest(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return distances.argmin(1)
 
 
-def collect_pixels(manifest: Manifest, split: str, count: int, seed: int) -> np.ndarray:
+def collect_pixels(manifest: Manifest, split: str, count: int, seed: int, access: ShardAccess) -> np.ndarray:
     """About `count` pixels (uint8 [N, C]) taken evenly from images read in a seeded shard order."""
     shards = manifest.shards(split)
     height, width = manifest.image_size
@@ -111,7 +112,7 @@ def collect_pixels(manifest: Manifest, split: str, count: int, seed: int) -> np.
     chunks, collected = [], 0
     for shard_index in rng.permutation(len(shards)):
         shard = shards[shard_index]
-        for raw in iter_raw_samples(shard.url, shard.num_samples):
+        for raw in iter_raw_samples(shard, access):
             try:
                 pixels, _ = decode_sample(raw, manifest.mode, manifest.image_size, num_classes)
             except BadSample:
@@ -165,16 +166,18 @@ def _kmeans_plus_plus(data: torch.Tensor, clusters: int, generator: torch.Genera
 
 
 def fit_palette(manifest: str | Manifest, split: str, clusters: int, sample_pixels: int,
-                iterations: int, seed: int) -> Palette:
-    """Fit a K-color palette on pixels sampled from the split's shards."""
+                iterations: int, seed: int, access: ShardAccess | None = None) -> Palette:
+    """Fit a K-color palette on pixels sampled from the split's shards (opened as `access` says;
+    by default hash-verified, no `pipe:`)."""
     if isinstance(manifest, str):
         manifest = load_manifest(manifest)
-    points = collect_pixels(manifest, split, sample_pixels, seed)
+    points = collect_pixels(manifest, split, sample_pixels, seed, access or ShardAccess(manifest.location))
     if points.shape[0] < clusters:
         raise UserError(
             f"{manifest.location}: split '{split}' gave only {points.shape[0]} pixels for {clusters} clusters"
         )
-    log.info("fitting a %d-color palette on %d pixels of %s/%s", clusters, points.shape[0], manifest.location, split)
+    log.info("fitting a %d-color palette on %d pixels of %s [split %s]", clusters, points.shape[0], manifest.location,
+             split)
     return Palette(kmeans(points, clusters, iterations, seed))
 
 
@@ -192,7 +195,7 @@ def palette_path(data_cfg: DataConfig, tok_cfg: TokenizerConfig, manifest: Manif
 def load_or_fit_palette(data_cfg: DataConfig, tok_cfg: TokenizerConfig) -> Palette:
     """Reuse the saved palette when it exists (it must have K clusters and the data's channels);
     otherwise fit one on the training split and save it."""
-    manifest = load_manifest(data_cfg.manifest)
+    manifest = load_manifest(data_cfg.manifest, data_cfg.allow_pipe)
     path = palette_path(data_cfg, tok_cfg, manifest)
     if path.exists():
         palette = Palette.load(path)
@@ -203,7 +206,12 @@ def load_or_fit_palette(data_cfg: DataConfig, tok_cfg: TokenizerConfig) -> Palet
             )
         return palette
     palette = fit_palette(manifest, data_cfg.train_split, tok_cfg.clusters, tok_cfg.sample_pixels,
-                          tok_cfg.iterations, tok_cfg.seed)
-    palette.save(path)
+                          tok_cfg.iterations, tok_cfg.seed,
+                          ShardAccess(manifest.location, data_cfg.allow_pipe, data_cfg.verify))
+    try:
+        palette.save(path)
+    except OSError as error:
+        raise UserError(f"cannot write palette {path.name} into {path.parent} ({error.strerror or error}): "
+                        "set tokenizer.path to a writable file") from None
     log.info("saved palette to %s", path)
     return palette

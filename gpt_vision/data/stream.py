@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from gpt_vision.data.badsamples import BadSampleTracker
 from gpt_vision.data.config import DataConfig
 from gpt_vision.data.decode import BadSample, decode_sample
+from gpt_vision.data.integrity import ShardAccess
 from gpt_vision.data.manifest import Manifest, ShardInfo, load_manifest
 from gpt_vision.data.palette import Palette
 from gpt_vision.data.sharding import AUGMENT, SHUFFLE, buffer_shuffle, plan_epoch, stream_rng
@@ -44,6 +45,7 @@ class _StreamSpec:
     """Everything a worker process needs to produce its stream (picklable)."""
 
     manifest: Manifest
+    access: ShardAccess
     split: str
     shards: list[ShardInfo]
     palette: Palette
@@ -79,7 +81,7 @@ class _WorkerStream(IterableDataset):
         plan = plan_epoch(spec.shards, seed=spec.seed, epoch=epoch, rank=spec.rank,
                           world_size=spec.world_size, worker=worker, num_workers=spec.num_workers,
                           shuffle=spec.train, resampled=spec.resampled)
-        items = itertools.chain.from_iterable(iter_raw_samples(s.url, s.num_samples) for s in plan.shards)
+        items = itertools.chain.from_iterable(iter_raw_samples(s, spec.access) for s in plan.shards)
         if plan.stride > 1:
             items = (item for index, item in enumerate(items) if index % plan.stride == plan.offset)
         if spec.train:
@@ -159,7 +161,7 @@ class ShardLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.cfg = cfg
-        self.manifest = load_manifest(cfg.manifest)
+        self.manifest = load_manifest(cfg.manifest, cfg.allow_pipe)
         if palette.channels != self.manifest.channels:
             raise UserError(
                 f"the palette has {palette.channels} channel(s) but {self.manifest.location} holds "
@@ -169,7 +171,7 @@ class ShardLoader:
         self.train = train
         self.num_workers = max(1, cfg.num_workers)
         self._spec = _StreamSpec(
-            manifest=self.manifest, split=split, shards=self.manifest.shards(split), palette=palette,
+            manifest=self.manifest, access=ShardAccess(self.manifest.location, cfg.allow_pipe, cfg.verify), split=split, shards=self.manifest.shards(split), palette=palette,
             transform=transform if transform is not None else build_transform(cfg.augment, train),
             batch_size=batch_size, rank=rank, world_size=world_size, num_workers=self.num_workers,
             seed=seed, train=train, resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,

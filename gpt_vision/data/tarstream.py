@@ -12,12 +12,8 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import BinaryIO
-
-import webdataset
-
-from gpt_vision.data.manifest import is_url
-from gpt_vision.errors import UserError
+from gpt_vision.data.integrity import ShardAccess, open_shard
+from gpt_vision.data.manifest import ShardInfo
 
 DECODED_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "cls"})
 MAX_MEMBER_BYTES = 64 << 20
@@ -29,13 +25,6 @@ class RawSample:
     key: str
     members: dict[str, bytes] = field(default_factory=dict)
     problem: str | None = None
-
-
-def open_shard(url: str) -> BinaryIO:
-    try:
-        return webdataset.gopen(url, "rb") if is_url(url) else open(url, "rb")
-    except OSError as error:
-        raise UserError(f"cannot open shard {url}: {error}") from None
 
 
 def _safe_name(member: tarfile.TarInfo) -> str | None:
@@ -55,9 +44,10 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), extension.lower()
 
 
-def iter_raw_samples(url: str, expected_samples: int | None = None) -> Iterator[RawSample]:
+def iter_raw_samples(shard: ShardInfo, access: ShardAccess) -> Iterator[RawSample]:
     """Raw samples of one shard in archive order; a truncated archive ends with one
     `truncated_tar` item (also when it simply holds fewer samples than the manifest says)."""
+    url = shard.url
     seen: set[str] = set()
     emitted = 0
     key: str | None = None
@@ -70,7 +60,7 @@ def iter_raw_samples(url: str, expected_samples: int | None = None) -> Iterator[
         seen.add(key)
         return RawSample(url, key, {} if problem else members, problem)
 
-    with open_shard(url) as stream:
+    with open_shard(shard, access) as stream:
         try:
             with tarfile.open(fileobj=stream, mode="r|*") as tar:
                 for member in tar:
@@ -94,5 +84,5 @@ def iter_raw_samples(url: str, expected_samples: int | None = None) -> Iterator[
             return
     if key is not None:
         yield finish()
-    if expected_samples is not None and emitted < expected_samples:
+    if emitted < shard.num_samples:
         yield RawSample(url, key or "<shard start>", problem="truncated_tar")

@@ -46,7 +46,7 @@ def load_backbone(cfg: FinetuneConfig) -> Backbone:
 def check_data_fits(model_cfg: ModelConfig, palette: Palette, cfg: FinetuneConfig, what: str) -> Manifest:
     """The manifest must hold the train and test splits and class names, and its images (after
     resize/crop) must have the geometry and channels the model was trained on."""
-    manifest = load_manifest(cfg.data.manifest)
+    manifest = load_manifest(cfg.data.manifest, cfg.data.allow_pipe)
     for key in ("train_split", "test_split"):
         split = getattr(cfg.data, key)
         if split not in manifest.splits or not manifest.split_sizes.get(split):

@@ -147,7 +147,7 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, fault_injector=None) -> L
             else f"train.global_batch_size={train.global_batch_size} is not divisible by micro_batch_size*world_size "
             f"= {train.micro_batch_size}*{env.world_size}"
         )
-    model_cfg = resolve_model_config(cfg, load_manifest(cfg.data.manifest))
+    model_cfg = resolve_model_config(cfg, load_manifest(cfg.data.manifest, cfg.data.allow_pipe))
     run_dir, resume_from = prepare_run_dir(cfg, strategy)
     palette = load_palette(cfg, strategy, run_dir)
     check_palette_fits(palette, model_cfg)

@@ -46,6 +46,7 @@ def bad_manifest(tmp_path_factory):
     offsets = shardgen.member_offsets(shard)
     data_offset, _ = offsets["train002-00030.png"]
     os.truncate(shard, data_offset + 10)  # 30 good samples, then an archive that ends mid-member
+    shardgen.rehash(path)
     return path
 
 

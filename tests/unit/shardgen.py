@@ -69,15 +69,29 @@ def write_dataset(root: Path, splits: dict[str, list[int]], size=(8, 8), mode="L
 
 
 def append_raw_members(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> None:
-    """Rewrite a shard with extra members (symlinks, unsafe names) appended at the end."""
+    """Rewrite a shard with extra members (symlinks, unsafe names) appended at the end; the manifest
+    beside it records the new hash (an attacker who plants members also writes the manifest)."""
     with tarfile.open(path) as source:
         existing = [(info, source.extractfile(info).read() if info.isreg() else None) for info in source.getmembers()]
     with tarfile.open(path, "w") as target:
         for info, data in existing + members:
             target.addfile(info, io.BytesIO(data) if data is not None else None)
+    rehash(path.parent / "manifest.json")
 
 
 def member_offsets(path: Path) -> dict[str, tuple[int, int]]:
     """name -> (data offset, size), to truncate a shard at a known point."""
     with tarfile.open(path) as tar:
         return {info.name: (info.offset_data, info.size) for info in tar.getmembers()}
+
+
+def rehash(manifest: Path) -> None:
+    """Record the current sha256 and size of every shard, for shards damaged on purpose after writing
+    (the damage is then the data's own, not a mismatch with the manifest)."""
+    doc = json.loads(manifest.read_text())
+    for entry in doc["splits"].values():
+        for shard in entry["shards"]:
+            data = (manifest.parent / shard["file"]).read_bytes()
+            shard["sha256"] = hashlib.sha256(data).hexdigest()
+            shard["bytes"] = len(data)
+    manifest.write_text(json.dumps(doc))

@@ -9,7 +9,7 @@ import pytest
 import gpt_vision.data.stream as stream_module
 from gpt_vision.data import AugmentConfig, DataConfig, Palette, ShardLoader
 from gpt_vision.errors import UserError
-from shardgen import append_raw_members, member_offsets, png_bytes, write_dataset
+from shardgen import append_raw_members, member_offsets, png_bytes, rehash, write_dataset
 
 TRAIN = [10, 7, 9, 5, 8]  # 39 samples, 5 shards: enough for 2 ranks x 2 workers
 VAL = [5, 3, 4, 6, 2]  # 20 samples, split by shard
@@ -167,6 +167,7 @@ def broken(tmp_path):
     offset, size = member_offsets(shard)["train002-00004.png"]
     with open(shard, "r+b") as handle:
         handle.truncate(offset + size // 2)
+    rehash(manifest)
     return manifest
 
 
@@ -249,15 +250,15 @@ def test_bad_manifests_name_the_path_and_the_problem(manifest, tmp_path):
         "mode": dict(doc, mode="CMYK"),
         "noshards": dict(doc, splits={"train": {"num_samples": 3}}),
     }
-    messages = {"empty": "split 'train' is empty", "format": "format is 'other/9'", "mode": "mode is 'CMYK'",
-                "noshards": "split 'train' needs a 'shards' list"}
+    messages = {"empty": ": split 'train' is empty", "format": ": field 'format' is 'other/9'",
+                "mode": ": field 'mode' is 'CMYK'", "noshards": ": field 'splits.train.shards' must be a list"}
     for name, content in cases.items():
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(content))
-        with pytest.raises(UserError, match=f"{name}.json: {messages[name]}"):
+        with pytest.raises(UserError, match=f"{name}.json{messages[name]}"):
             ShardLoader(DataConfig(manifest=str(path)), "train", GRAY, 2)
     (tmp_path / "broken.json").write_text("{")
-    with pytest.raises(UserError, match="broken.json: not valid JSON"):
+    with pytest.raises(UserError, match="broken.json is not valid JSON"):
         ShardLoader(DataConfig(manifest=str(tmp_path / "broken.json")), "train", GRAY, 2)
 
 

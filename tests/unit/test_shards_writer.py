@@ -187,7 +187,7 @@ def test_differently_sized_image_is_a_bad_sample_unless_resized(tmp_path, rng):
 
 
 @pytest.mark.parametrize("content, message", [
-    (None, "no shard manifest at"),
+    (None, "manifest.json does not exist"),
     ("", "is empty"),
     ("{not json", "is not valid JSON"),
     ('{"format": "other/1"}', "field 'format' is 'other/1'"),
