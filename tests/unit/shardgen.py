@@ -1,10 +1,15 @@
 """Test helper: writes real tar shards + manifest.json (format gpt_vision-shards/1) with small
 seeded random images, plus hooks to plant bad members."""
 
+import functools
 import hashlib
+import http.server
 import io
 import json
 import tarfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +65,24 @@ def write_dataset(root: Path, splits: dict[str, list[int]], size=(8, 8), mode="L
                 samples = edit(split, shard_index, samples)
             name = f"{split}-{shard_index:06d}.tar"
             write_shard(root / name, samples)
-            digest = hashlib.sha256((root / name).read_bytes()).hexdigest()
-            shards.append({"file": name, "num_samples": count, "sha256": digest})
+            data = (root / name).read_bytes()
+            shards.append({"file": name, "num_samples": count, "sha256": hashlib.sha256(data).hexdigest(),
+                           "bytes": len(data)})
         manifest["splits"][split] = {"num_samples": sum(counts), "shards": shards}
     path = root / "manifest.json"
     path.write_text(json.dumps(manifest))
     return path
+
+
+def relabel_to_zero(shard: Path) -> None:
+    """Rewrite a shard with every label set to 0: same size, other bytes (the manifest is left as it was)."""
+    with tarfile.open(shard) as tar:
+        members = [(info.name, tar.extractfile(info).read()) for info in tar.getmembers()]
+    samples: dict[str, dict] = {}
+    for name, data in members:
+        key, extension = name.split(".", 1)
+        samples.setdefault(key, {"__key__": key})[extension] = b"0" if extension == "cls" else data
+    write_shard(shard, list(samples.values()))
 
 
 def append_raw_members(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> None:
@@ -95,3 +112,21 @@ def rehash(manifest: Path) -> None:
             shard["sha256"] = hashlib.sha256(data).hexdigest()
             shard["bytes"] = len(data)
     manifest.write_text(json.dumps(doc))
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def serve_http(root: Path) -> Iterator[str]:
+    """Serve a folder over http on localhost for the duration; yields the base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,3 +1,8 @@
+import errno
+import os
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +101,51 @@ def test_load_or_fit_saves_next_to_shards_then_reuses(tmp_path):
 
     with pytest.raises(UserError, match="has 4 colors"):
         load_or_fit_palette(data_cfg, TokenizerConfig(clusters=8, path=str(saved)))
+
+
+def make_read_only(folder, monkeypatch) -> None:
+    """A folder nothing can be written into: chmod for ordinary users, the immutable flag for root;
+    where the OS offers neither, writes into it fail as on a read-only mount."""
+    folder.chmod(0o555)
+    if folder_is_writable(folder) and os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+    if folder_is_writable(folder):
+        real_open = open
+
+        def read_only_open(path, mode="r", *args, **kwargs):
+            if "w" in mode and Path(path).parent == folder:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return real_open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", read_only_open)
+
+
+def folder_is_writable(folder) -> bool:
+    try:
+        (folder / ".probe").touch()
+    except OSError:
+        return False
+    (folder / ".probe").unlink()
+    return True
+
+
+def test_a_read_only_shard_folder_is_one_line_naming_it(tmp_path, monkeypatch):
+    manifest = write_dataset(tmp_path / "ro", {"train": [6]})
+    make_read_only(manifest.parent, monkeypatch)
+    try:
+        with pytest.raises(UserError) as raised:
+            load_or_fit_palette(DataConfig(manifest=str(manifest)), TokenizerConfig(clusters=4, sample_pixels=200))
+    finally:
+        subprocess.run(["chattr", "-i", str(manifest.parent)], capture_output=True)
+        manifest.parent.chmod(0o755)
+    message = str(raised.value)
+    assert message.startswith(f"cannot write palette palette-4.npy into {manifest.parent} (")
+    assert message.endswith("): set tokenizer.path to a writable file")
+    assert sorted(p.name for p in manifest.parent.iterdir()) == ["manifest.json", "train-000000.tar"]
+
+
+def test_the_fit_log_names_manifest_and_split(tmp_path, caplog):
+    manifest = write_dataset(tmp_path, {"train": [4]})
+    with caplog.at_level("INFO", logger="gpt_vision.data.palette"):
+        fit_palette(str(manifest), "train", clusters=4, sample_pixels=200, iterations=2, seed=0)
+    assert f"pixels of {manifest} [split train]" in caplog.text

@@ -130,3 +130,11 @@ def test_verify_catches_count_mismatch(shards):
 def test_verify_reports_malformed_manifest(shards):
     (shards / "manifest.json").write_text("")
     assert verify_problems(shards) == [f"data-shards: problem: shard manifest {shards / 'manifest.json'} is empty"]
+
+
+def test_verify_fails_on_an_empty_shard_set(shards):
+    doc = json.loads((shards / "manifest.json").read_text())
+    doc["splits"] = {"train": {"num_samples": 0, "shards": []}, "test": doc["splits"]["test"]}
+    (shards / "manifest.json").write_text(json.dumps(doc))
+    assert verify_problems(shards) == [
+        f"data-shards: problem: {shards / 'manifest.json'}: split 'train' is empty (no shards or no samples)"]
