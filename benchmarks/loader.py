@@ -1,5 +1,7 @@
 """Loader throughput: ShardLoader (decode + batch + tokenize) with 0, 1 and 2 workers against a
-plain `webdataset.WebDataset(...).decode("pil")` read of the same shards, in one run.
+plain `webdataset.WebDataset(...).decode("pil")` read of the same shards, in one run; and the cost
+of shard verification (`data.verify` off / size / hash) with one worker, whose process is new on
+every pass, so every pass checks every shard once as a run's first epoch does.
 
     python benchmarks/loader.py                      # temporary shards: 5000 28x28 grayscale images
     python benchmarks/loader.py --manifest shards/cifar10 --split train --clusters 512
@@ -13,6 +15,7 @@ import numpy as np
 import webdataset
 
 from gpt_vision.data import DataConfig, ShardLoader, fit_palette, load_manifest
+from gpt_vision.data.integrity import ShardAccess
 
 
 def write_temporary_shards(directory: str, count: int) -> str:
@@ -58,17 +61,21 @@ def main() -> None:
         location = args.manifest or write_temporary_shards(scratch, args.samples)
         manifest = load_manifest(location)
         urls = [shard.url for shard in manifest.shards(args.split)]
-        palette = fit_palette(manifest, args.split, args.clusters, 20000, 5, 0)
+        # Unverified here, so no verdict is cached in this process before the loader's workers fork.
+        palette = fit_palette(manifest, args.split, args.clusters, 20000, 5, 0, ShardAccess(location, verify="off"))
         print(f"{manifest.location}: {manifest.split_sizes[args.split]} {manifest.mode} "
               f"{manifest.image_size[0]}x{manifest.image_size[1]} images in {len(urls)} shards, K={args.clusters}")
 
         reference = best_rate(lambda: reference_pass(urls), args.repeats)
-        print(f"{'webdataset .decode(pil)':<28} {reference:9.0f} samples/s   1.00x")
-        for workers in (0, 1, 2):
-            cfg = DataConfig(manifest=location, num_workers=workers)
+        print(f"{'webdataset .decode(pil)':<38} {reference:9.0f} samples/s   1.00x")
+        rates = {}
+        for workers, verify in ((0, "off"), (1, "off"), (2, "off"), (1, "size"), (1, "hash")):
+            cfg = DataConfig(manifest=location, num_workers=workers, verify=verify)
             loader = ShardLoader(cfg, args.split, palette, args.batch_size, train=False)
-            rate = best_rate(lambda: sum(len(batch["key"]) for batch in loader), args.repeats)
-            print(f"{f'ShardLoader workers={workers}':<28} {rate:9.0f} samples/s   {rate / reference:.2f}x")
+            rate = rates[workers, verify] = best_rate(lambda: sum(len(batch["key"]) for batch in loader), args.repeats)
+            label = f"ShardLoader workers={workers} verify={verify}"
+            print(f"{label:<38} {rate:9.0f} samples/s   {rate / reference:.2f}x", end="")
+            print(f"   ({rate / rates[1, 'off']:.2f}x of verify=off)" if verify != "off" else "")
 
 
 if __name__ == "__main__":

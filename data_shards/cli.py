@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     make = commands.add_parser("make", help="convert a dataset into tar shards + manifest.json")
     make.add_argument("--source", required=True, choices=["idx", "cifar", "folder", "npz"])
-    make.add_argument("--input", required=True, type=Path, help="source directory (or .npz file)")
+    make.add_argument("--input", required=True, action="append",
+                      help="source directory; for npz one or more files or split=file pairs (repeat --input)")
     make.add_argument("--out", required=True, type=Path, help="output directory for shards and manifest.json")
     make.add_argument("--name", required=True, help="dataset name recorded in the manifest")
     which = make.add_mutually_exclusive_group()

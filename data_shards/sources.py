@@ -6,6 +6,7 @@ line naming the file, because a silently misread dataset only shows up days late
 
 import gzip
 import pickle
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +32,30 @@ class SourceData:
     classes: list[str] | None  # None: the source has no labels
 
 
-def load_source(kind: str, path: Path) -> SourceData:
-    if not path.exists():
-        raise UserError(f"input {path} does not exist")
-    readers = {"idx": read_idx_dir, "cifar": read_cifar_dir, "folder": read_image_folder, "npz": read_npz}
-    if kind not in readers:
-        raise UserError(f"unknown source '{kind}' (choose from: {', '.join(readers)})")
-    return readers[kind](path)
+def load_source(kind: str, inputs: list[str]) -> SourceData:
+    """Read the `--input` values: one path, or for npz several paths and `split=path` pairs."""
+    readers = {"idx": read_idx_dir, "cifar": read_cifar_dir, "folder": read_image_folder}
+    if kind != "npz" and kind not in readers:
+        raise UserError(f"unknown source '{kind}' (choose from: {', '.join([*readers, 'npz'])})")
+    named = [_split_and_path(spec) for spec in inputs]
+    for _, path in named:
+        if not path.exists():
+            raise UserError(f"input {path} does not exist")
+    if kind == "npz":
+        return read_npz_files(named)
+    if len(named) != 1 or named[0][0] is not None:
+        raise UserError(f"source '{kind}' takes one --input directory; several inputs and split=path are for npz")
+    return readers[kind](named[0][1])
+
+
+def _split_and_path(spec: str) -> tuple[str | None, Path]:
+    """`split=path` when the part before '=' is a word (a path with '=' can be written ./a=b.npz)."""
+    split, sep, path = spec.partition("=")
+    if sep and re.fullmatch(r"\w+", split):
+        if split not in SPLIT_DIR_NAMES:
+            raise UserError(f"--input {spec}: unknown split '{split}' (use {', '.join(SPLIT_DIR_NAMES)})")
+        return split, Path(path)
+    return None, Path(spec)
 
 
 # --- IDX (MNIST, Fashion-MNIST) -------------------------------------------------------------
@@ -219,21 +237,55 @@ def read_image_folder(root: Path) -> SourceData:
 
 # --- npz ----------------------------------------------------------------------------------
 
-def read_npz(path: Path) -> SourceData:
-    """`images` (N,H,W[,C]) uint8 and optional `labels` (N,) integers -> one split, train."""
+NPZ_SPLIT_KEYS = (("images_", "labels_"), ("x_", "y_"))  # images_train/labels_train or Keras' x_train/y_train
+
+
+def read_npz_files(inputs: list[tuple[str | None, Path]]) -> SourceData:
+    """npz files -> splits. A `split=path` file, or a file holding `images` (and optional `labels`),
+    gives one split (train without a name); a file of per-split arrays (`images_<split>` /
+    `labels_<split>` or `x_<split>` / `y_<split>`, split one of train, val, test) gives those."""
+    splits: dict[str, ArraySplit] = {}
+    for split, path in inputs:
+        for name, images, labels in _npz_splits(path, split):
+            if name in splits:
+                raise UserError(f"split '{name}' is given twice ({splits[name].origin} and {path})")
+            check_arrays(images, labels, f"{path} [{name}]")
+            splits[name] = ArraySplit(images, labels, str(path))
+    labeled = {name for name, split in splits.items() if split.labels is not None}
+    if labeled and labeled != set(splits):
+        unlabeled = sorted(set(splits) - labeled)
+        raise UserError(f"npz inputs label splits {', '.join(sorted(labeled))} but not {', '.join(unlabeled)}")
+    if not labeled:
+        return SourceData(splits, None)
+    top = max(int(split.labels.max()) for split in splits.values() if len(split.labels))
+    return SourceData(splits, [str(i) for i in range(top + 1)])
+
+
+def _npz_splits(path: Path, split: str | None) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
     try:
         with np.load(path, allow_pickle=False) as npz:
-            if "images" not in npz.files:
-                raise UserError(f"{path} has no 'images' array (has: {', '.join(npz.files) or 'nothing'})")
-            images = npz["images"]
-            labels = npz["labels"] if "labels" in npz.files else None
+            arrays = {key: npz[key] for key in npz.files}
     except (OSError, ValueError, EOFError, KeyError) as e:
         raise UserError(f"cannot read npz file {path}: {e}") from None
-    check_arrays(images, labels, str(path))
-    classes = None
-    if labels is not None:
-        classes = [str(i) for i in range(int(labels.max()) + 1)] if len(labels) else None
-    return SourceData({"train": ArraySplit(images, labels, str(path))}, classes)
+    if "images" in arrays or split is not None:
+        if "images" not in arrays:
+            raise UserError(f"{path} has no 'images' array for split '{split}' (has: {', '.join(arrays) or 'nothing'})")
+        return [(split or "train", arrays["images"], arrays.get("labels"))]
+    found = []
+    for image_prefix, label_prefix in NPZ_SPLIT_KEYS:
+        for key in arrays:
+            if key.startswith(image_prefix) or key.startswith(label_prefix):
+                name = key.split("_", 1)[1]
+                if name not in SPLIT_DIR_NAMES:
+                    raise UserError(f"{path}: array '{key}' names unknown split '{name}' (use {', '.join(SPLIT_DIR_NAMES)})")
+                if image_prefix + name not in arrays:
+                    raise UserError(f"{path}: array '{key}' has no images '{image_prefix}{name}'")
+                if key.startswith(image_prefix):
+                    found.append((name, arrays[key], arrays.get(label_prefix + name)))
+    if not found:
+        raise UserError(f"{path} has no 'images' array nor per-split arrays images_<split> / x_<split> "
+                        f"(has: {', '.join(arrays) or 'nothing'})")
+    return found
 
 
 def check_arrays(images: np.ndarray, labels: np.ndarray | None, where: str) -> None:
