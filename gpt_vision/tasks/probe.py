@@ -87,7 +87,8 @@ def run_linear_probe(cfg: FinetuneConfig, backbone: Backbone) -> dict:
     model, checksum = freeze(backbone.model), state_checksum(backbone.model)
     layers = resolve_layers(cfg.task.layers, model.config.n_layer, auto="all")
     names = layer_names(layers, cfg.task.pooling)
-    with FinetuneHarness(cfg, backbone.palette, backbone.manifest) as harness:
+    trainings = 0 if cfg.task.probe_solver == "lbfgs" else 1 + ("pixels" in cfg.task.baselines)
+    with FinetuneHarness(cfg, backbone.palette, backbone.manifest, trainings) as harness:
         model.to(harness.device)
         train, cached = probe_features(harness, backbone, cfg.data.train_split, layers)
         fit_idx, val_idx = carve(len(train.labels), cfg.task.val_fraction, cfg.seed)

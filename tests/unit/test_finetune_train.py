@@ -64,6 +64,21 @@ def test_finetune_learns_and_reports_consistently(setup):
         predictions["labels"], predictions["scratch_logits"], NAMES)["top1"]
 
 
+def test_finetune_mechanics_follow_their_keys(setup):
+    """generative_weight=0.5, warmup 5 steps then cosine at optim.lr=2e-3, and the scratch baseline
+    for the same 40 steps with labels only, all read back from metrics.jsonl."""
+    _, out, _ = setup
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    finetune = [r for r in rows if r["split"] == "finetune"]
+    for row in finetune:
+        assert row["loss"] == pytest.approx(row["class_loss"] + 0.5 * row["generative_loss"], rel=1e-4)
+    lr = {r["step"]: r["lr"] for r in finetune}
+    assert lr[0] == pytest.approx(2e-3 / 5) and lr[5] == pytest.approx(2e-3)  # warmup, then the peak
+    assert lr[20] == pytest.approx(2e-4 + 1.8e-3 * (1 + np.cos(np.pi * 15 / 35)) / 2)  # cosine to min_lr_ratio=0.1
+    scratch = [r for r in rows if r["split"] == "baseline_scratch"]
+    assert max(r["step"] for r in scratch) == 39 and all("generative_loss" not in r for r in scratch)
+
+
 @pytest.mark.parametrize("pooling", ["grid", "concat"])
 def test_pooled_heads_train_and_reload(setup, tmp_path, pooling):
     manifest, teacher_dir, _ = setup
