@@ -105,10 +105,20 @@ def test_pixel_baseline_runs_on_the_models_split(setup, tmp_path):
     assert off["baselines"] == {} and off["top1"] >= 0.9
 
 
-def test_warning_when_validation_is_far_above_test():
+def test_warning_when_validation_is_far_above_test(setup, tmp_path):
     assert unreliable_choice(0.95, 0.95 - VAL_TEST_GAP - 0.01)
     assert unreliable_choice(0.95, 0.95 - VAL_TEST_GAP + 0.01) == []
     assert unreliable_choice(None, 0.1) == []
+    _, init = setup
+    train, test = brightness_images(60, 0), brightness_images(30, 1)
+    shifted = (test[0], (test[1] + 1) % CLASSES)  # a test split labelled unlike train
+    write_shards({"train": train, "test": shifted}, None, tmp_path / "shards", "shifted", shard_size=100,
+                 classes=["b0", "b1", "b2"], mode="L")
+    results = run(load_config(FinetuneConfig, None, finetune_overrides(
+        tmp_path / "shards" / "manifest.json", tmp_path / "out", f"init={init}", "task.baselines=[]",
+        "task.val_fraction=0.25")))
+    assert results["per_layer"][str(results["chosen_layer"])] >= 0.9 and results["top1"] <= 0.1
+    assert len(results["warnings"]) == 1 and "layer choice is unreliable" in results["warnings"][0]
 
 
 def test_a_manifest_without_the_test_split_fails_before_any_work(setup, tmp_path):
