@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import json
 import os
 import random
@@ -20,14 +21,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from gpt_vision.errors import ConfigError, UserError
-
-COMMIT_MARKER = "COMMITTED"
-META_FILE = "meta.json"
-LATEST_FILE = "latest"
-STEP_RE = re.compile(r"^step-(\d{7,})$")
-
+from gpt_vision.layout import (
+    COMMIT_MARKER,
+    LATEST_FILE,
+    META_FILE,
+    complete_steps,
+    is_complete,
+    latest_complete,
+    rank_file_name,
+    read_json,
+    read_meta,
+    step_dir_name,
+    write_atomic,
+)
 
 @dataclass
 class CheckpointConfig:
@@ -53,65 +62,6 @@ def _test_kill_point(point: str, rank: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def step_dir_name(step: int) -> str:
-    return f"step-{step:07d}"
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write to a temporary sibling, fsync, then rename over `path`: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data.encode() if isinstance(data, str) else data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def is_complete(step_dir: Path) -> bool:
-    return (step_dir / COMMIT_MARKER).is_file() and (step_dir / META_FILE).is_file()
-
-
-def complete_steps(checkpoints: Path) -> list[Path]:
-    """Complete step folders, oldest first."""
-    if not checkpoints.is_dir():
-        return []
-    found = []
-    for child in checkpoints.iterdir():
-        match = STEP_RE.match(child.name)
-        if match and child.is_dir() and is_complete(child):
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
-
-
-def latest_complete(checkpoints: Path) -> Path | None:
-    """The newest complete step; `latest` is a hint for users, the commit markers decide."""
-    steps = complete_steps(checkpoints)
-    return steps[-1] if steps else None
-
-
-def read_meta(step_dir: Path) -> dict:
-    try:
-        return json.loads((step_dir / META_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"checkpoint {step_dir}: cannot read {META_FILE}: {exc}") from None
-
-
-def resolve_step_dir(path: str | Path) -> Path:
-    """A step folder, a run folder (its newest complete step) or a checkpoints folder."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint path {path} does not exist")
-    if STEP_RE.match(path.name):
-        if not is_complete(path):
-            raise UserError(f"checkpoint {path} is incomplete (no {COMMIT_MARKER} marker): the save did not finish")
-        return path
-    for checkpoints in (path / "checkpoints", path):
-        found = latest_complete(checkpoints)
-        if found is not None:
-            return found
-    raise UserError(f"{path} holds no complete checkpoint (expected step-NNNNNNN folders with {COMMIT_MARKER})")
-
-
 def rng_state() -> dict:
     """This process's RNG states, JSON-safe (no pickle in checkpoints)."""
     state = {
@@ -127,14 +77,35 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    decoded = _decode_rng(state)
+    torch.set_rng_state(decoded["torch"])
+    random.setstate(decoded["python"])
+    np.random.set_state(decoded["numpy"])
+    if "cuda" in decoded and torch.cuda.is_available():
+        torch.cuda.set_rng_state(decoded["cuda"])
+
+
+def _decode_rng(state: dict) -> dict:
+    """`rng_state()`'s output back as the generators' own types, each checked for its size."""
+    def state_bytes(key: str, like: torch.Tensor) -> torch.Tensor:
+        raw = base64.b64decode(state[key], validate=True)
+        if len(raw) != like.numel():
+            raise ValueError(f"'{key}' state has {len(raw)} bytes, expected {like.numel()}")
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+    decoded = {"torch": state_bytes("torch", torch.get_rng_state())}
     version, internal, gauss = _parse_python_state(state["python"])
-    random.setstate((version, internal, gauss))
-    keys = np.frombuffer(base64.b64decode(state["numpy"]), dtype=np.uint32)
-    has_gauss, gauss = state["numpy_gauss"]
-    np.random.set_state(("MT19937", keys, state["numpy_pos"], has_gauss, gauss))
+    if len(internal) != len(random.getstate()[1]):
+        raise ValueError(f"'python' state has {len(internal)} words, expected {len(random.getstate()[1])}")
+    decoded["python"] = (version, internal, gauss)
+    keys = np.frombuffer(base64.b64decode(state["numpy"], validate=True), dtype=np.uint32)
+    if keys.size != np.random.get_state()[1].size:
+        raise ValueError(f"'numpy' state has {keys.size} words, expected {np.random.get_state()[1].size}")
+    has_gauss, numpy_gauss = state["numpy_gauss"]
+    decoded["numpy"] = ("MT19937", keys, int(state["numpy_pos"]), int(has_gauss), float(numpy_gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+        decoded["cuda"] = state_bytes("cuda", torch.cuda.get_rng_state())
+    return decoded
 
 
 def _parse_python_state(text: str) -> tuple:
@@ -182,12 +153,12 @@ class CheckpointManager:
         try:
             yield
         except Exception as error:
-            text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            if not isinstance(error, OSError) and "os error" not in text.lower():
+            cause = _storage_cause(error) or _full_disk(step_dir)
+            if cause is None:
                 raise
             previous = self.latest()
             raise UserError(
-                f"cannot write checkpoint {step_dir}: {getattr(error, 'strerror', None) or text}; it stays incomplete "
+                f"cannot write checkpoint {step_dir}: {cause}; it stays incomplete "
                 f"and is ignored; newest complete checkpoint: {previous or 'none'}"
             ) from None
 
@@ -196,7 +167,7 @@ class CheckpointManager:
         strategy = self.strategy
         strategy.save(step_dir)
         _test_kill_point("shards", strategy.rank, step)
-        write_atomic(step_dir / f"rank-{strategy.rank:05d}.json", json.dumps(rank_state))
+        write_atomic(step_dir / rank_file_name(strategy.rank), json.dumps(rank_state))
         _test_kill_point("rank_state", strategy.rank, step)
         strategy.barrier()
         if strategy.rank == 0:
@@ -205,10 +176,8 @@ class CheckpointManager:
             full_meta = dict(meta, step=step, world_size=strategy.world_size, strategy=strategy.name,
                              save_seconds=round(time.perf_counter() - started, 3))
             write_atomic(step_dir / META_FILE, json.dumps(full_meta, indent=1))
-            _fsync_dir(step_dir)
             _test_kill_point("meta", strategy.rank, step)
             write_atomic(step_dir / COMMIT_MARKER, f"{step}\n")
-            _fsync_dir(step_dir)
             _test_kill_point("marker", strategy.rank, step)
             write_atomic(self.root / LATEST_FILE, step_dir.name + "\n")
             _test_kill_point("latest", strategy.rank, step)
@@ -227,17 +196,43 @@ class CheckpointManager:
     def load_rank_state(self, step_dir: Path) -> tuple[dict, dict | None]:
         """meta.json and this rank's own state (None when the saved world size differs)."""
         meta = read_meta(step_dir)
-        rank_file = step_dir / f"rank-{self.strategy.rank:05d}.json"
-        same_world = meta.get("world_size") == self.strategy.world_size
-        if same_world and rank_file.is_file():
-            return meta, json.loads(rank_file.read_text())
-        fallback = step_dir / "rank-00000.json"
-        return meta, (json.loads(fallback.read_text()) | {"foreign_world_size": True}) if fallback.is_file() else None
+        rank_file = step_dir / rank_file_name(self.strategy.rank)
+        if meta.get("world_size") == self.strategy.world_size and rank_file.is_file():
+            return meta, read_rank_state(rank_file)
+        fallback = step_dir / rank_file_name(0)
+        return meta, (read_rank_state(fallback) | {"foreign_world_size": True}) if fallback.is_file() else None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _storage_cause(error: BaseException) -> str | None:
+    """The storage's reason when `error` is a failed write (full disk, I/O error), else None:
+    an OSError (our writers name the file), or DCP's CheckpointException carrying each failed
+    rank's own exception."""
+    if isinstance(error, OSError):
+        return f"{error.strerror or error} ({error.filename})" if error.filename else (error.strerror or str(error))
+    if isinstance(error, CheckpointException):
+        causes = (_storage_cause(exc) for exc, _ in error.failures.values())
+        return next((cause for cause in causes if cause), None)
+    return None
+
+
+def _full_disk(step_dir: Path) -> str | None:
+    """For writers that hide the OS's error (DeepSpeed's torch.save: "unexpected pos ..."): under 1 MiB free."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        stats = os.statvfs(step_dir)
+        return os.strerror(errno.ENOSPC) if stats.f_bavail * stats.f_frsize < 1 << 20 else None
+    except OSError:
+        return None
+
+
+def read_rank_state(path: Path) -> dict:
+    """A rank's data position and RNG states, checked whole before anything is restored."""
+    state = read_json(path, "rank state")
+    for key in ("data", "rng"):
+        if not isinstance(state.get(key), dict):
+            raise UserError(f"{path}: damaged rank state (no '{key}' object); restore it or resume from another step")
+    try:
+        _decode_rng(state["rng"])
+    except (IndexError, KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{path}: damaged RNG state ({type(error).__name__}: {error}); "
+                        "restore it or resume from another step") from None
+    return state

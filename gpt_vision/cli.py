@@ -128,10 +128,11 @@ def export_main(argv: list[str] | None = None) -> int:
         parser.add_argument("checkpoint", help="a step directory, or a run directory (its newest complete step)")
         parser.add_argument("out", help="output directory (must not exist, or be empty)")
         args = parser.parse_args(argv)
-        from gpt_vision.export import export_checkpoint
+        from gpt_vision.export import export_checkpoint, export_source
 
         out = export_checkpoint(args.checkpoint, args.out)
-        print(f"exported {args.checkpoint} -> {out}")
+        source = export_source(out)
+        print(f"exported step {source['step']} ({source['checkpoint']}) -> {out}")
         return 0
 
     return _guard(prog, body)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from gpt_vision.errors import ConfigError, UserError
+from gpt_vision.layout import write_atomic
 
 COMMAND_LINE = "command line"
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -223,10 +224,7 @@ def to_dict(cfg: Any) -> dict:
 
 def dump_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config (plain YAML, loadable by `load_config`) atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # ---- the root configs: each section is owned by its component ---------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gpt_vision import checkpoint as ckpt
+from gpt_vision import layout
 from gpt_vision.data.palette import Palette
 from gpt_vision.errors import UserError
+from gpt_vision.layout import Kind
 from gpt_vision.train.metrics import image_grid
 
 COMPLETIONS_PNG = "completions.png"
@@ -104,24 +104,13 @@ def completion_rows(palette: Palette, originals: torch.Tensor, completions: torc
 
 
 def save_png(grid: np.ndarray, path: Path) -> None:
-    """Written to a temporary name and renamed, so a crash never leaves half a PNG."""
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(temp, format="PNG")
-    os.replace(temp, path)
-
-
-def _resolve_init(init: str) -> tuple[Path | None, Path | None]:
-    """(run dir, step dir) when `init` is a run, a checkpoints folder or a step; else (None, None)."""
-    path = Path(init)
-    if (path / "model.safetensors").is_file() or (path / "config.json").is_file():
-        return None, None
-    step_dir = ckpt.resolve_step_dir(path)
-    return (step_dir.parent.parent if step_dir.parent.name == "checkpoints" else None), step_dir
+    with layout.atomic_file(path) as handle:
+        image.save(handle, format="PNG")
 
 
 def _manifest_and_split(step_dir: Path | None, given: str | None, split: str | None) -> tuple[str, str]:
-    data = (ckpt.read_meta(step_dir).get("config") or {}).get("data", {}) if step_dir else {}
+    data = (layout.read_meta(step_dir).get("config") or {}).get("data", {}) if step_dir else {}
     manifest = given or data.get("manifest")
     if not manifest:
         raise UserError("completions need held-out images: give --data-manifest (the checkpoint names no shards), "
@@ -149,7 +138,8 @@ def sample(init: str, out: Path, opts: SampleOptions, data_manifest: str | None 
            palette_file: str | None = None, device: str = "cpu", tensorboard: bool = True) -> dict:
     """Draw the grids into `out`; returns what was written (also saved as `out/samples.json`)."""
     opts.check()
-    run_dir, step_dir = _resolve_init(init)
+    found = layout.resolve_init(init)
+    step_dir = found.path if found.kind is Kind.STEP else None
     model, palette = _load(init, palette_file)
     model.to(device)
     size = model.config.image_size
@@ -178,14 +168,15 @@ def sample(init: str, out: Path, opts: SampleOptions, data_manifest: str | None 
         path = out / (COMPLETIONS_PNG if name == "completions" else UNCONDITIONAL_PNG)
         save_png(image_grid(upscale(cells, scale), columns), path)
         summary["files"][name] = str(path)
-    np.savez(out / TOKENS_FILE, **arrays)
+    with layout.atomic_file(out / TOKENS_FILE) as handle:
+        np.savez(handle, **arrays)
     summary["files"]["tokens"] = str(out / TOKENS_FILE)
-    if tensorboard and run_dir is not None:
-        step = int(ckpt.read_meta(step_dir)["step"])
-        _to_tensorboard(run_dir / "tensorboard", step, {k: image_grid(*v) for k, v in grids.items()})
-        summary["tensorboard"] = {"logdir": str(run_dir / "tensorboard"), "step": step,
-                                  "tags": [f"{TB_PREFIX}/{name}" for name in grids]}
-    ckpt.write_atomic(out / "samples.json", json.dumps(summary, indent=2) + "\n")
+    if tensorboard and found.run_dir is not None:
+        logdir = found.run_dir / layout.TENSORBOARD_DIR
+        step = int(layout.read_meta(step_dir)["step"])
+        _to_tensorboard(logdir, step, {k: image_grid(*v) for k, v in grids.items()})
+        summary["tensorboard"] = {"logdir": str(logdir), "step": step, "tags": [f"{TB_PREFIX}/{name}" for name in grids]}
+    layout.write_atomic(out / "samples.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -236,10 +227,10 @@ def main(argv: list[str] | None, prog: str) -> int:
     opts.check()
     out = Path(args.out) if args.out else None
     if out is None:
-        run_dir, step_dir = _resolve_init(args.init)
-        if run_dir is None:
+        found = layout.resolve_init(args.init)
+        if found.run_dir is None:
             raise UserError(f"--out is required when --init is not a run or one of its steps ({args.init})")
-        out = run_dir / "samples" / step_dir.name
+        out = found.run_dir / "samples" / found.path.name
     summary = sample(args.init, out, opts, args.data_manifest, args.split, args.palette, _device(args.device),
                      tensorboard=not args.no_tensorboard)
     for name, path in summary["files"].items():

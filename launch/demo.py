@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gpt_vision.cli import EXIT_PREEMPTED  # noqa: E402
+from gpt_vision.layout import atomic_file  # noqa: E402
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
@@ -307,10 +308,8 @@ def write_idx_subset(source: Path, target: Path, counts: dict[str, int]) -> None
             name = pattern.format(kind, dims)
             array = read_idx(source / name, ndim=dims)[: counts[split]]
             header = struct.pack(">I", 0x0800 | dims) + b"".join(struct.pack(">I", d) for d in array.shape)
-            temp = target / f".{name}.tmp"
-            with gzip.open(temp, "wb") as handle:
+            with atomic_file(target / name) as raw, gzip.GzipFile(name, "wb", fileobj=raw) as handle:
                 handle.write(header + array.astype("uint8").tobytes())
-            os.replace(temp, target / name)
 
 
 def _manifest_matches(manifest: Path, scale: Scale) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from gpt_vision.data.locations import is_local, local_path, open_location, refusal, scheme_of
 from gpt_vision.errors import UserError
+from gpt_vision.layout import write_atomic
 
 FORMAT = "gpt_vision-shards/1"
 MANIFEST_NAME = "manifest.json"
@@ -102,15 +103,9 @@ def load_manifest(location: str | os.PathLike, allow_pipe: bool = False) -> Mani
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> Path:
-    """Write the manifest through a temporary file so a crash never leaves half a manifest."""
+    """Write the manifest atomically so a crash never leaves half a manifest."""
     final = out_dir / MANIFEST_NAME
-    tmp = out_dir / f".{MANIFEST_NAME}.{os.getpid()}.partial"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    write_atomic(final, json.dumps(manifest, indent=2) + "\n")
     return final
 
 

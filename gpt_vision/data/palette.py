@@ -6,7 +6,6 @@ array (no pickle) next to the shards or the run, so every process tokenizes iden
 
 import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from gpt_vision.data.integrity import ShardAccess
 from gpt_vision.data.manifest import Manifest, load_manifest
 from gpt_vision.data.tarstream import iter_raw_samples
 from gpt_vision.errors import UserError
+from gpt_vision.layout import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,11 @@ class Palette:
         return self._colors[tokens]
 
     def save(self, path: str | Path) -> None:
-        """Write atomically (temp file + rename) so a crash never leaves a half-written palette."""
+        """Write atomically so a crash never leaves a half-written palette."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(temp, "wb") as handle:
+        with atomic_file(path) as handle:
             np.save(handle, self.centroids, allow_pickle=False)
-        os.replace(temp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Palette":

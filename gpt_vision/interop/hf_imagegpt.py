@@ -11,13 +11,17 @@ untied `lm_head` of palette rows; its linears are GPT-2 `Conv1D`s whose weights 
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from gpt_vision.errors import UserError
+from gpt_vision.layout import HF_CONFIG_FILE, HF_INDEX_FILE, HF_LEGACY_FILE, MODEL_FILE, atomic_path, read_json, write_atomic
 from gpt_vision.model.config import ModelConfig
 from gpt_vision.model.gpt import GPT, NORM_EPS, build_model
+from gpt_vision.model.shapes import check_weights_fit
+from gpt_vision.parallel.safe_load import load_torch_file
 
 # HF config values our model reproduces exactly; anything else is refused rather than approximated.
 _REQUIRED = {
@@ -30,6 +34,9 @@ _ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu"}
 _IGNORED_KEYS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in old checkpoints
 
 _BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+_BLOCK_KEY = re.compile(r"^transformer\.h\.(\d+)\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)$")
+_TOP_LEVEL = {"transformer.wte.weight": "wte.weight", "transformer.wpe.weight": "wpe.weight",
+              "transformer.ln_f.weight": "ln_f.weight", "lm_head.weight": "head.weight"}
 
 
 def _model_config(hf: dict, source: Path) -> ModelConfig:
@@ -70,55 +77,58 @@ def _model_config(hf: dict, source: Path) -> ModelConfig:
 def _load_state(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    single, index, legacy = (directory / n for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
-    if single.exists():
-        return load_file(single)
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(load_file(directory / shard))
-        return state
+    single, index, legacy = (directory / n for n in (MODEL_FILE, HF_INDEX_FILE, HF_LEGACY_FILE))
+    try:
+        if single.exists():
+            return load_file(single)
+        if index.exists():
+            shards = sorted(set(read_json(index, "safetensors index").get("weight_map", {}).values()))
+            state = {}
+            for shard in shards:
+                state.update(load_file(directory / shard))
+            return state
+    except UserError:
+        raise
+    except Exception as error:  # safetensors reports a damaged or foreign file with its own error types
+        raise UserError(f"{directory}: unreadable safetensors weights ({error})") from None
     if legacy.exists():
-        return torch.load(legacy, map_location="cpu", weights_only=True)
-    raise UserError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+        return load_torch_file(legacy)
+    raise UserError(f"{directory}: no {MODEL_FILE}, {HF_INDEX_FILE} or {HF_LEGACY_FILE}")
+
+
+def _our_names(hf: dict[str, torch.Tensor], directory: Path) -> dict[str, torch.Tensor]:
+    """HF tensors under our names (linears transposed), as many blocks as the file holds."""
+    missing = [key for key in _TOP_LEVEL if key not in hf]
+    if missing:
+        raise UserError(f"{directory}: the weights lack {', '.join(missing)}")
+    wte = hf.pop("transformer.wte.weight")
+    state = {"wte.weight": wte[:-1], "sos": wte[-1]}
+    state.update({ours: hf.pop(theirs) for theirs, ours in _TOP_LEVEL.items() if ours != "wte.weight"})
+    for key in [key for key in hf if _BLOCK_KEY.match(key)]:
+        index, part, kind = _BLOCK_KEY.match(key).groups()
+        value = hf.pop(key)
+        state[f"blocks.{index}.{part}.{kind}"] = value.t() if part in _BLOCK_LINEARS and kind == "weight" else value
+    if hf:
+        raise UserError(f"{directory}: unsupported ImageGPT weights: {', '.join(sorted(hf)[:5])}")
+    return state
 
 
 def import_hf_imagegpt(directory: str | os.PathLike) -> GPT:
     """A next_pixel GPT (fp32, CPU) with the weights of a local HF ImageGPT directory."""
     directory = Path(directory)
-    config_file = directory / "config.json"
+    config_file = directory / HF_CONFIG_FILE
     if not config_file.exists():
-        raise UserError(f"{directory}: no config.json (expected a HuggingFace ImageGPT directory)")
-    cfg = _model_config(json.loads(config_file.read_text()), config_file)
+        raise UserError(f"{directory}: no {HF_CONFIG_FILE} (expected a HuggingFace ImageGPT directory)")
+    cfg = _model_config(read_json(config_file, "HF config"), config_file)
     hf = {k: v for k, v in _load_state(directory).items() if not k.endswith(_IGNORED_KEYS)}
     hf = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v for k, v in hf.items()}
     if "lm_head.weight" not in hf:
         raise UserError(f"{directory}: no lm_head.weight (a bare ImageGPTModel has no head to import)")
 
-    wte = hf.pop("transformer.wte.weight")
-    state = {
-        "wte.weight": wte[:-1],
-        "sos": wte[-1],
-        "wpe.weight": hf.pop("transformer.wpe.weight"),
-        "ln_f.weight": hf.pop("transformer.ln_f.weight"),
-        "head.weight": hf.pop("lm_head.weight"),
-    }
-    for i in range(cfg.n_layer):
-        src, dst = f"transformer.h.{i}.", f"blocks.{i}."
-        for norm in ("ln_1", "ln_2"):
-            state[f"{dst}{norm}.weight"] = hf.pop(f"{src}{norm}.weight")
-        for linear in _BLOCK_LINEARS:
-            state[f"{dst}{linear}.weight"] = hf.pop(f"{src}{linear}.weight").t()
-            state[f"{dst}{linear}.bias"] = hf.pop(f"{src}{linear}.bias")
-    if hf:
-        raise UserError(f"{directory}: unsupported ImageGPT weights: {', '.join(sorted(hf)[:5])}")
-
+    state = _our_names(hf, directory)
+    check_weights_fit({k: tuple(v.shape) for k, v in state.items()}, cfg, str(config_file), str(directory))
     model = build_model(cfg)
-    try:
-        model.load_state_dict({k: v.float().contiguous() for k, v in state.items()}, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{directory}: weights do not match config.json: {str(e).splitlines()[0]}") from None
+    model.load_state_dict({k: v.float().contiguous() for k, v in state.items()}, strict=True)
     return model
 
 
@@ -150,7 +160,7 @@ def _hf_config(cfg: ModelConfig) -> dict:
 def export_hf_imagegpt(model: GPT, directory: str | os.PathLike) -> None:
     """Write config.json + model.safetensors that `ImageGPTForCausalImageModeling.from_pretrained` loads.
 
-    Each file is written to a temporary name and renamed, so a failure leaves earlier files intact.
+    Each file is written atomically, so a failure leaves earlier files intact.
     """
     from safetensors.torch import save_file
 
@@ -175,9 +185,6 @@ def export_hf_imagegpt(model: GPT, directory: str | os.PathLike) -> None:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights_tmp = directory / ".model.safetensors.tmp"
-    save_file(out, weights_tmp, metadata={"format": "pt"})
-    config_tmp = directory / ".config.json.tmp"
-    config_tmp.write_text(json.dumps(_hf_config(cfg), indent=2) + "\n")
-    os.replace(weights_tmp, directory / "model.safetensors")
-    os.replace(config_tmp, directory / "config.json")
+    with atomic_path(directory / MODEL_FILE) as tmp:
+        save_file(out, tmp, metadata={"format": "pt"})
+    write_atomic(directory / HF_CONFIG_FILE, json.dumps(_hf_config(cfg), indent=2) + "\n")

@@ -7,7 +7,6 @@ The foreach/loop implementations cannot, so there the decision costs one `.item(
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -17,13 +16,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gpt_vision.errors import UserError
+from gpt_vision.layout import MODEL_FILE, OPTIMIZER_FILE, atomic_file, atomic_path
 from gpt_vision.parallel.base import StepResult
 from gpt_vision.parallel.safe_load import load_torch_file
 from gpt_vision.train.config import OptimConfig
 from gpt_vision.train.optim import adamw_kwargs, param_groups
 
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
@@ -109,16 +107,14 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_full_files(directory: Path, model_state: dict[str, torch.Tensor], optimizer_state: dict) -> None:
-    """`model.safetensors` + `optimizer.pt`, each written to a temp name then renamed."""
+    """`model.safetensors` + `optimizer.pt`, each written atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp_model = directory / (MODEL_FILE + ".tmp")
-    # safetensors refuses tensors sharing storage (tied weights); plain_state_dict copied each.
-    save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp_model))
-    tmp_optim = directory / (OPTIMIZER_FILE + ".tmp")
-    torch.save(optimizer_state, tmp_optim)
-    os.replace(tmp_model, directory / MODEL_FILE)
-    os.replace(tmp_optim, directory / OPTIMIZER_FILE)
+    with atomic_path(directory / MODEL_FILE) as tmp:
+        # safetensors refuses tensors sharing storage (tied weights); plain_state_dict copied each.
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp))
+    with atomic_file(directory / OPTIMIZER_FILE) as handle:
+        torch.save(optimizer_state, handle)
 
 
 def read_model_file(directory: Path) -> dict[str, torch.Tensor]:

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from gpt_vision.errors import ConfigError, UserError
+from gpt_vision.layout import atomic_dir, write_atomic
 from gpt_vision.parallel import safe_load
 from gpt_vision.parallel.base import StepResult, Strategy
 from gpt_vision.parallel.common import set_lr
@@ -268,9 +269,7 @@ class DeepSpeedStrategy(Strategy):
         self.engine.save_checkpoint(str(root), tag=TAG, client_state=client_state, save_latest=False)
         if self.rank == 0:
             layout = {"world_size": self.world_size, "zero_stage": self.stage}
-            tmp = root / f"{LAYOUT_FILE}.tmp"
-            tmp.write_text(json.dumps(layout))
-            os.replace(tmp, root / LAYOUT_FILE)
+            write_atomic(root / LAYOUT_FILE, json.dumps(layout))
         self.barrier()
 
     def load(self, directory: Path) -> None:
@@ -356,20 +355,17 @@ def _convert_to_universal(root: Path) -> None:
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     final = root / UNIVERSAL
-    tmp = root / f"{UNIVERSAL}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(
-        input_folder=str(root / TAG),
-        output_folder=str(tmp / TAG),
-        num_extract_workers=1,
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=False,
-    )
-    ds_to_universal(args)
     shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_dir(final) as staging:
+        ds_to_universal(argparse.Namespace(
+            input_folder=str(root / TAG),
+            output_folder=str(staging / TAG),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=False,
+        ))
 
 
 def consolidate_deepspeed(directory: Path) -> dict[str, torch.Tensor]:

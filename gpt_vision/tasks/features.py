@@ -11,9 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import torch.nn.functional as F
 
 from gpt_vision.data.stream import ShardLoader
 from gpt_vision.errors import UserError
+from gpt_vision.layout import atomic_dir
 from gpt_vision.model import feature_inputs
 from gpt_vision.model.gpt import GPT
 from gpt_vision.tasks.backbone import state_checksum
@@ -124,16 +122,14 @@ def cached_features(cache_dir: Path, model: GPT, palette_centroids: np.ndarray, 
         return Features(features, labels, keys, list(layers)), True
     result = extract_features(model, loader, layers, pooling, attention, device, progress)
     entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
-        np.save(staging / "labels.npy", result.labels, allow_pickle=False)
-        np.save(staging / "keys.npy", result.keys, allow_pickle=False)
-        (staging / "meta.json").write_text(json.dumps({"split": loader.split, "layers": list(layers),
-                                                       "samples": int(len(result.labels))}))
-        np.save(staging / FEATURES_FILE, result.features, allow_pickle=False)  # last: marks the entry complete
-        os.replace(staging, entry)
+        with atomic_dir(entry) as staging:
+            np.save(staging / "labels.npy", result.labels, allow_pickle=False)
+            np.save(staging / "keys.npy", result.keys, allow_pickle=False)
+            (staging / "meta.json").write_text(json.dumps({"split": loader.split, "layers": list(layers),
+                                                           "samples": int(len(result.labels))}))
+            np.save(staging / FEATURES_FILE, result.features, allow_pickle=False)  # last: marks the entry complete
     except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
         if not (entry / FEATURES_FILE).is_file():  # another run may have stored the same entry first
             raise
     return result, False

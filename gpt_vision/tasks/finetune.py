@@ -12,21 +12,21 @@ import dataclasses
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from gpt_vision.config import build
 from gpt_vision.data.palette import Palette
 from gpt_vision.errors import UserError
-from gpt_vision.export import PALETTE_FILE, WEIGHTS_FILE
-from gpt_vision.model import ModelConfig, build_model, build_objective, feature_inputs
+from gpt_vision.export import model_config, read_yaml_mapping, weight_shapes
+from gpt_vision.layout import CLASSIFIER_FILE, MODEL_FILE, PALETTE_FILE, Kind, kind_of
+from gpt_vision.model import build_model, build_objective, feature_inputs
 from gpt_vision.model.gpt import GPT
+from gpt_vision.model.shapes import check_weights_fit
 from gpt_vision.tasks.backbone import Backbone, count_parameters, resolve_layers
 from gpt_vision.tasks.baselines import pixel_baseline
 from gpt_vision.tasks.features import Pooling
 from gpt_vision.tasks.finetune_config import FinetuneConfig
-from gpt_vision.tasks.harness import CLASSIFIER_FILE, FinetuneHarness, accuracy, autocast
+from gpt_vision.tasks.harness import FinetuneHarness, accuracy, autocast
 
 
 class Classifier(nn.Module):
@@ -62,18 +62,21 @@ def load_finetuned(path: str | Path) -> tuple[Classifier, Palette, dict]:
     """A finetune output folder as (classifier on CPU, palette, its classifier.yaml)."""
     path = Path(path)
     described = path / CLASSIFIER_FILE
-    if not described.is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise UserError(f"{path} is not a finetune output (expected {WEIGHTS_FILE} and {CLASSIFIER_FILE})")
-    doc = yaml.safe_load(described.read_text()) or {}
+    if kind_of(path) is not Kind.FINETUNED:
+        raise UserError(f"{path} is not a finetune output (expected {MODEL_FILE} and {CLASSIFIER_FILE})")
+    doc = read_yaml_mapping(described)
     if doc.get("kind") != "finetune":
         raise UserError(f"{described} describes a {doc.get('kind')!r} head; a teacher must be a task.kind=finetune output")
-    model_cfg = build(ModelConfig, doc["model"], prefix="model")
+    model_cfg = model_config(doc.get("model"), described)
+    backbone = {key.removeprefix("backbone."): shape for key, shape in weight_shapes(path / MODEL_FILE).items()
+                if key.startswith("backbone.")}
+    check_weights_fit(backbone, model_cfg, str(described), str(path / MODEL_FILE))
     pooling = Pooling(doc.get("pooling", "mean"), doc.get("grid_size", 2))
     classifier = Classifier(build_model(model_cfg), doc.get("layers", [doc.get("layer")]), doc["num_classes"],
                             doc["attention"] or None, doc.get("head_dropout", 0.0), pooling)
-    missing, unexpected = classifier.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=False)
+    missing, unexpected = classifier.load_state_dict(load_file(str(path / MODEL_FILE)), strict=False)
     if missing or unexpected:
-        raise UserError(f"{path / WEIGHTS_FILE} does not fit {described} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(f"{path / MODEL_FILE} does not fit {described} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return classifier, Palette.load(path / PALETTE_FILE), doc
 
 

@@ -9,7 +9,6 @@ trained and how to rebuild it), palette.npy, tensorboard/, metrics.jsonl.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,13 +26,12 @@ from gpt_vision.data.manifest import Manifest
 from gpt_vision.data.palette import Palette
 from gpt_vision.data.stream import ShardLoader
 from gpt_vision.errors import UserError
-from gpt_vision.export import PALETTE_FILE, WEIGHTS_FILE
+from gpt_vision.layout import CLASSIFIER_FILE, CONFIG_FILE, MODEL_FILE, PALETTE_FILE, atomic_file, atomic_path, write_atomic
 from gpt_vision.tasks.finetune_config import FinetuneConfig
 from gpt_vision.tasks.scores import classification_metrics, confusion_image
 from gpt_vision.train.metrics import MetricsLogger
 from gpt_vision.train.optim import adamw_kwargs, learning_rate, param_groups
 
-CLASSIFIER_FILE = "classifier.yaml"
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.npz"
 
@@ -75,14 +73,12 @@ def prepare_output_dir(cfg: FinetuneConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output_dir {out}: {exc.strerror}") from None
-    dump_config(cfg, out / "config.yaml")
+    dump_config(cfg, out / CONFIG_FILE)
     return out
 
 
 def write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(doc, indent=2, sort_keys=False))
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -192,18 +188,14 @@ class FinetuneHarness:
         (with every baseline's test logits), each written atomically."""
         out = self.out
         state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
-        tmp = out / f".{WEIGHTS_FILE}.tmp"
-        save_file(state, str(tmp))
-        os.replace(tmp, out / WEIGHTS_FILE)
-        tmp = out / f".{CLASSIFIER_FILE}.tmp"
-        tmp.write_text(yaml.safe_dump({**description, "classes": self.classes}, sort_keys=False))
-        os.replace(tmp, out / CLASSIFIER_FILE)
+        with atomic_path(out / MODEL_FILE) as tmp:
+            save_file(state, str(tmp))
+        write_atomic(out / CLASSIFIER_FILE, yaml.safe_dump({**description, "classes": self.classes}, sort_keys=False))
         self.palette.save(out / PALETTE_FILE)
-        tmp = out / f".{PREDICTIONS_FILE}.tmp.npz"
         baselines = {f"{name}_logits": logits for name, logits in self.baseline_logits.items()}
-        np.savez(tmp, keys=np.asarray(predictions.keys), labels=predictions.labels, logits=predictions.logits,
-                 **baselines, **extra)
-        os.replace(tmp, out / PREDICTIONS_FILE)
+        with atomic_file(out / PREDICTIONS_FILE) as handle:
+            np.savez(handle, keys=np.asarray(predictions.keys), labels=predictions.labels, logits=predictions.logits,
+                     **baselines, **extra)
 
     def report(self, results: dict) -> dict:
         """results.json: the task's `model` metrics and `baselines` side by side, the data it was

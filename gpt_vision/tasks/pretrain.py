@@ -16,6 +16,7 @@ from gpt_vision.data.palette import Palette, load_or_fit_palette
 from gpt_vision.data.stream import ShardLoader
 from gpt_vision.distributed import DistEnv, init_process_group
 from gpt_vision.errors import UserError
+from gpt_vision.layout import CHECKPOINTS_DIR, CONFIG_FILE, PALETTE_FILE, resolve_step_dir
 from gpt_vision.model import ModelConfig, build_model, build_objective, flops_per_token
 from gpt_vision.parallel import build_strategy
 from gpt_vision.parallel.base import Strategy
@@ -23,8 +24,6 @@ from gpt_vision.tasks.online_probe import OnlineProbe
 from gpt_vision.train.budget import StepBudget
 from gpt_vision.train.loop import LoopResult, Trainer, to_device
 from gpt_vision.train.metrics import MetricsLogger, image_grid, measure_matmul_flops
-
-PALETTE_FILE = "palette.npy"
 
 
 def resolve_model_config(cfg: PretrainConfig, manifest) -> ModelConfig:
@@ -84,14 +83,14 @@ def _choose_resume(cfg: PretrainConfig, run_dir: Path) -> Path | None:
     mode = cfg.checkpoint.resume
     existing = ckpt.latest_complete(run_dir / "checkpoints")
     if mode == "never":
-        if (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists():
+        if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINTS_DIR).exists():
             raise UserError(
                 f"run directory {run_dir} already holds a run; choose another name, or set checkpoint.resume=auto to continue it"
             )
         return None
     if mode == "auto":
         return existing
-    target = ckpt.resolve_step_dir(mode)
+    target = resolve_step_dir(mode)
     if existing is not None and existing.resolve() != target.resolve():
         raise UserError(
             f"run directory {run_dir} already has checkpoints (newest {existing.name}); resume from {target} into a new run directory"
@@ -158,7 +157,7 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, fault_injector=None) -> L
     if resume_from is not None:
         _check_same_model(resume_from, model_cfg)
     if strategy.rank == 0:
-        dump_config(resolved, run_dir / "config.yaml")
+        dump_config(resolved, run_dir / CONFIG_FILE)
 
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg)

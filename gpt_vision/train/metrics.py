@@ -1,14 +1,42 @@
 """Rank-0 reporting: TensorBoard scalars and images, a JSONL file for scripts, a tqdm bar."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from gpt_vision.errors import UserError
+from gpt_vision.layout import METRICS_FILE, TENSORBOARD_DIR
 from gpt_vision.train.config import LoggingConfig
+
+
+class JsonlFile:
+    """Appends one record per line, each with a single `write` of the whole line: a reader (or a
+    crash, or a full disk) never leaves half a record; a failed write is cut back off the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+
+    def append(self, record: dict) -> None:
+        line = (json.dumps(record) + "\n").encode()
+        start = os.fstat(self.fd).st_size
+        try:
+            written = os.write(self.fd, line)
+            if written != len(line):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as error:
+            os.ftruncate(self.fd, start)
+            raise UserError(f"cannot write {self.path}: {error.strerror}; it ends with the last complete record; "
+                            "free space (or set logging.jsonl=false) and resume") from None
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class MetricsLogger:
@@ -24,9 +52,9 @@ class MetricsLogger:
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step or None)
+            self.writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=start_step or None)
         if cfg.jsonl:
-            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+            self.jsonl = JsonlFile(Path(run_dir) / METRICS_FILE)
         if cfg.progress:
             from tqdm import tqdm
 
@@ -39,8 +67,7 @@ class MetricsLogger:
             for name, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps({"step": step, "split": prefix, "time": round(time.time(), 3), **values}) + "\n")
-            self.jsonl.flush()
+            self.jsonl.append({"step": step, "split": prefix, "time": round(time.time(), 3), **values})
 
     def image_grid(self, step: int, tag: str, grid_hwc: np.ndarray) -> None:
         if self.enabled and self.writer is not None:
@@ -95,8 +122,6 @@ def memory_bytes(device: torch.device) -> float:
         return float(torch.cuda.max_memory_allocated(device))
     try:
         with open("/proc/self/statm") as handle:
-            import os
-
             return float(int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
     except OSError:
         return 0.0

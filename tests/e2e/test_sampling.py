@@ -92,6 +92,21 @@ def test_grids_reach_tensorboard_and_default_out_is_inside_the_run(run_dir):
     assert image.step == 4 and (image.height, image.width) == grid_shape(2 * 3, 3, SIZE, 1)
 
 
+def test_a_single_strategy_step_dir_is_a_checkpoint_not_an_export(run_dir):
+    """Such a step holds model.safetensors like an export; it is still its run's step, so the
+    grids go into the run (default --out) and its TensorBoard at that step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    step_dir = run_dir / "checkpoints" / "step-0000002"
+    assert (step_dir / "model.safetensors").is_file()
+    done = sample_cli("--init", str(step_dir), "--completions", "1", "--per-image", "1", "--samples", "1")
+    assert done.returncode == 0, done.stderr
+    assert (run_dir / "samples" / "step-0000002" / "completions.png").is_file()
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert 2 in {image.step for image in events.Images("sampling/unconditional")}
+
+
 def test_same_seed_same_samples_and_an_export_needs_out_and_data(run_dir, tmp_path):
     export = export_checkpoint(run_dir, tmp_path / "export")
     missing_out = sample_cli("--init", str(export), "--samples", "2", "--completions", "0")
