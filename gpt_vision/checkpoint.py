@@ -233,6 +233,6 @@ def read_rank_state(path: Path) -> dict:
     try:
         _decode_rng(state["rng"])
     except (IndexError, KeyError, TypeError, ValueError) as error:
-        raise UserError(f"{path}: damaged RNG state ({type(error).__name__}: {error}); "
-                        "restore it or resume from another step") from None
+        detail = f"no {error} entry" if isinstance(error, KeyError) else str(error)
+        raise UserError(f"{path}: damaged RNG state ({detail}); restore it or resume from another step") from None
     return state

@@ -43,7 +43,7 @@ def check_weights_fit(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, conf
     for key, shape in expected.items():
         if tuple(shapes[key]) != shape:
             raise UserError(f"{config_file}: {_culprits(cfg, shape, tuple(shapes[key]))} does not fit {weights_file}: "
-                            f"{key} is {list(shapes[key])} there but {list(shape)} by the config")
+                            f"{key} is {list(shapes[key])} there but {list(shape)} by the config; fix or restore that file")
 
 
 def _culprits(cfg: ModelConfig, expected: tuple[int, ...], actual: tuple[int, ...]) -> str:

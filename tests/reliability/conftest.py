@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from inproc import tmpfs
 from toydata import write_toy_shards
 
 
@@ -33,6 +34,13 @@ def figure(request):
         print(f"FIGURE {request.node.name}: {text}")
         request.node.user_properties.append(("figure", text))
     return record
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB tmpfs (needs root), for disk-full drills."""
+    with tmpfs(tmp_path / "disk") as mount:
+        yield mount
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,9 @@
 """In-process pretraining runs for drills that need no kill (faster than a subprocess)."""
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 from pathlib import Path
 
 import torch
@@ -20,6 +23,29 @@ def pretrain(manifest: Path, run_dir: Path, *extra: str, env: DistEnv = SINGLE, 
     cfg = load_config(PretrainConfig, None, tiny_overrides(manifest, run_dir, "deterministic=true", *extra))
     preemption.clear()
     return run_pretraining(cfg, env, fault_injector=fault_injector)
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str = "4m"):
+    """A real tmpfs of `size` mounted at `mount` (needs root), unmounted afterwards."""
+    mount.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk_at(step_to_fill: int, disk: Path, leave_bytes: int = 48 << 10):
+    """A fault injector: at `step_to_fill` (after the step-2 checkpoint) fill the disk up to
+    `leave_bytes` (by default room for logs, not a save); rank 0 fills it for all."""
+    def inject(step, strategy, loss):
+        if step == step_to_fill and strategy.rank == 0 and not (disk / "filler").exists():
+            stats = os.statvfs(disk)
+            with open(disk / "filler", "wb") as handle:
+                handle.write(b"\0" * max(stats.f_bavail * stats.f_frsize - leave_bytes, 0))
+        return loss
+    return inject
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -2,35 +2,14 @@
 run stops with one clear line naming the checkpoint and the cause; the previous checkpoint stays
 complete and loadable."""
 import os
-import subprocess
 
 import pytest
 
 from gpt_vision import checkpoint as ckpt
 from gpt_vision.errors import UserError
-from inproc import pretrain, weights
+from inproc import fill_disk_at, pretrain, weights
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill_disk_at(step_to_fill: int, disk, leave_bytes: int = 48 << 10):
-    """After the step-2 checkpoint: fill the disk up to `leave_bytes` (room for logs, not a save)."""
-    def inject(step, strategy, loss):
-        if step == step_to_fill and not (disk / "filler").exists():
-            stats = os.statvfs(disk)
-            with open(disk / "filler", "wb") as handle:
-                handle.write(b"\0" * max(stats.f_bavail * stats.f_frsize - leave_bytes, 0))
-        return loss
-    return inject
 
 
 def test_disk_full_during_save_stops_cleanly_and_keeps_the_previous_checkpoint(manifest, small_disk, figure):
