@@ -16,22 +16,12 @@ from gpt_vision.errors import UserError
 from gpt_vision.export import export_checkpoint, load_pretrained
 from gpt_vision.interop.hf_imagegpt import export_hf_imagegpt
 from gpt_vision.train import preemption
-from inproc import fill_disk_at, pretrain, tmpfs
+from inproc import Payload, fill_disk_at, pretrain, tmpfs
 from ranks import rank_env, run_ranks
 from toydata import tiny_overrides
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 STEP = "step-0000002"
-
-
-class Payload:
-    """Unpickling this calls open(marker, "w"): the file's existence proves code ran."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def error_line(capsys, code: int) -> str:

@@ -16,7 +16,7 @@ import torch
 from gpt_vision.errors import UserError
 from gpt_vision.export import load_pretrained
 from gpt_vision.parallel import load_consolidated
-from inproc import differing_tensors, pretrain, weights
+from inproc import Payload, differing_tensors, pretrain, weights
 from ranks import rank_env, run_ranks
 
 STRATEGIES = {
@@ -26,16 +26,6 @@ STRATEGIES = {
 }
 STRATEGY_NAME = {"fsdp": "fsdp", "zero1": "deepspeed", "zero3": "deepspeed"}
 STEP = "step-0000002"
-
-
-class Payload:
-    """Unpickling this calls open(marker, "w"): the file's existence proves code ran."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def payload_bytes(marker) -> bytes:
