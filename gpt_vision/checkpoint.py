@@ -152,7 +152,7 @@ class CheckpointManager:
         """A full disk or an I/O error while saving becomes one line; the step stays uncommitted."""
         try:
             yield
-        except Exception as error:
+        except (Exception, CheckpointException) as error:  # DCP's is a BaseException
             cause = _storage_cause(error) or _full_disk(step_dir)
             if cause is None:
                 raise

@@ -137,10 +137,18 @@ class SafeDCPReader(dcp.FileSystemReader):
             path = self.directory / ".metadata"
             metadata = read_dcp_metadata(path)
             root = self.directory.resolve()
+            ends: dict[Path, int] = {}
             for info in (metadata.storage_data or {}).values():
                 target = (root / str(info.relative_path)).resolve()
                 if target.parent != root:
                     raise UserError(f"{path}: refused to load: it points at {info.relative_path}, outside {self.directory}")
+                ends[target] = max(ends.get(target, 0), info.offset + info.length)
+            for target, end in sorted(ends.items()):
+                size = target.stat().st_size if target.is_file() else None
+                if size is None or size < end:
+                    have = "is missing" if size is None else f"holds {size} bytes"
+                    raise UserError(f"{self.directory / target.name}: damaged checkpoint shard ({have}, {path.name} "
+                                    f"expects at least {end}); restore it or use another step")
             self._metadata = metadata
         if getattr(self._metadata, "storage_meta", None) is None:
             self._metadata.storage_meta = StorageMeta()
@@ -171,16 +179,20 @@ class SafeDCPPlanner(dcp.DefaultLoadPlanner):
 def dcp_load(state: dict[str, Any], directory: Path, no_dist: bool = False) -> None:
     """`dcp.load` of `directory` into `state` through the safe reader and planner.
 
-    The metadata is read (and refused, if it must be) before DCP starts, so every rank raises
-    the same `UserError` without entering a collective; a refusal inside DCP (a non-tensor
-    value) reaches every rank as a `CheckpointException`, turned back into that `UserError`.
+    The metadata is read (and refused, if it must be, as are shards shorter than it says) before
+    DCP starts, so every rank raises the same `UserError` without entering a collective; a
+    refusal or a damaged file met inside DCP reaches every rank as a `CheckpointException`,
+    turned into one `UserError`.
     """
     reader = SafeDCPReader(directory)
     reader.read_metadata()
     try:
         dcp.load(state, storage_reader=reader, planner=SafeDCPPlanner(directory), no_dist=no_dist)
     except CheckpointException as error:
-        refusals = [exc for exc, _ in error.failures.values() if isinstance(exc, UserError)]
+        causes = [exc for exc, _ in error.failures.values()]
+        refusals = [exc for exc in causes if isinstance(exc, UserError)]
         if refusals:
             raise UserError(str(refusals[0])) from None
-        raise
+        detail = " ".join(str(causes[0]).split())[:300] if causes else "no detail"
+        raise UserError(f"{directory}: damaged DCP checkpoint ({type(causes[0]).__name__ if causes else 'error'}: "
+                        f"{detail}); restore it or use another step") from None
