@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from gpt_vision.errors import ConfigError, UserError
 from gpt_vision.layout import (
+    CHECKPOINTS_DIR,
     COMMIT_MARKER,
     LATEST_FILE,
     META_FILE,
@@ -126,7 +127,7 @@ class CheckpointManager:
     """
 
     def __init__(self, run_dir: Path, cfg: CheckpointConfig, strategy):
-        self.root = Path(run_dir) / "checkpoints"
+        self.root = Path(run_dir) / CHECKPOINTS_DIR
         self.cfg = cfg
         self.strategy = strategy
 

@@ -81,7 +81,7 @@ def prepare_run_dir(cfg: PretrainConfig, strategy: Strategy) -> tuple[Path, Path
 
 def _choose_resume(cfg: PretrainConfig, run_dir: Path) -> Path | None:
     mode = cfg.checkpoint.resume
-    existing = ckpt.latest_complete(run_dir / "checkpoints")
+    existing = ckpt.latest_complete(run_dir / CHECKPOINTS_DIR)
     if mode == "never":
         if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINTS_DIR).exists():
             raise UserError(
@@ -216,7 +216,7 @@ def _config_writer(resolved: PretrainConfig, run_dir: Path):
 
     def write(steps: int) -> None:
         train = dataclasses.replace(resolved.train, steps=steps)
-        dump_config(dataclasses.replace(resolved, train=train), run_dir / "config.yaml")
+        dump_config(dataclasses.replace(resolved, train=train), run_dir / CONFIG_FILE)
 
     return write
 
