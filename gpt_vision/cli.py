@@ -22,9 +22,9 @@ def _guard(prog: str, body: Callable[[], int], rank: int = 0) -> int:
     """Run `body`; a user error becomes one line on stderr and exit code 2.
 
     Under a multi-process launcher every rank meets the same error, so rank 0 says it: the
-    other ranks wait, and the launcher ends them (or signals them to stop) when rank 0 exits. One that is still there
-    after the wait (its error was not rank 0's), or whose error only some ranks can meet
-    (`rank_local`), says it too.
+    other ranks wait, and the launcher ends them (or signals them to stop) when rank 0 exits.
+    A rank still there after the wait (its error was not rank 0's), or whose error only some
+    ranks can meet (`rank_local`), says it too, naming its rank.
     """
     try:
         return body()

@@ -90,8 +90,6 @@ class Demo:
         self.run_dir = out / "run"
         self.samples = out / "samples"
         self.python = _display_path(Path(sys.executable))
-        torchrun = Path(sys.executable).parent / "torchrun"
-        self.torchrun = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
     # ---- printing and running ------------------------------------------------------------
 
@@ -136,6 +134,7 @@ class Demo:
                 "`python -m data_shards make --source idx --input DIR` at them, or rerun with --idx-dir DIR"
             )
         prefix = [] if os.geteuid() == 0 else ["sudo"]
+        self.run(prefix + [apt, "update"])  # a fresh machine's package lists may be empty or stale
         self.run(prefix + [apt, "install", "-y", FASHION_MNIST_PACKAGE])
 
     def write_shards(self, idx_dir: Path) -> None:
@@ -157,7 +156,7 @@ class Demo:
               "the shards", flush=True)
 
     def pretrain_argv(self) -> list:
-        return [*self.torchrun, "--nproc_per_node", str(self.nproc), ROOT / "launch" / "pretrain.py",
+        return [self.python, ROOT / "launch" / "pretrain.py", "--nproc_per_node", str(self.nproc),
                 "--config", ROOT / "configs" / "pretrain" / "fmnist_demo.yaml",
                 f"run_dir={_display_path(self.run_dir)}", f"data.manifest={_display_path(self.shards / 'manifest.json')}",
                 *self.scale.pretrain]
@@ -165,7 +164,7 @@ class Demo:
     def pretrain(self) -> None:
         from gpt_vision import checkpoint as ckpt
 
-        self.header(4, f"pretraining with {self.nproc} processes (torchrun, FSDP on gloo), interrupted once and resumed")
+        self.header(4, f"pretraining with {self.nproc} processes (FSDP on gloo), interrupted once and resumed")
         steps = _total_steps(self.scale)
         latest = ckpt.latest_complete(self.run_dir / "checkpoints")
         if latest is not None and _step_of(latest) >= steps:
@@ -203,8 +202,10 @@ class Demo:
                                 "`make demo`")
             print(f"# the run finished before the demo could interrupt it after step {step}", flush=True)
             return
-        print(f"# the ranks saved a checkpoint and exited {EXIT_PREEMPTED} (torchrun reports that as a failed "
-              "child: expected here)", flush=True)
+        if process.returncode != EXIT_PREEMPTED:
+            raise DemoError(f"the interrupted run exited {process.returncode}, not {EXIT_PREEMPTED} (saved and stopped)")
+        print(f"# every rank saved the checkpoint and exited {EXIT_PREEMPTED}, the code Slurm scripts requeue on",
+              flush=True)
 
     def finetune(self) -> None:
         self.header(5, "linear probe (every layer), fine-tune, distillation (one process each)")
@@ -330,7 +331,7 @@ def _step_of(step_dir: Path) -> int:
 
 
 def _children(pid: int) -> list[int]:
-    """Direct child processes (torchrun's ranks), read from /proc/<pid>/stat."""
+    """Direct child processes (the ranks), read from /proc/<pid>/stat."""
     children = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:

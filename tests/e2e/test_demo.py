@@ -48,7 +48,7 @@ def test_every_step_ran_as_a_printed_command_and_the_run_was_resumed(demo):
     commands = [line[2:] for line in log.splitlines() if line.startswith("$ ")]
     assert any(" -m data_shards make --source idx " in c for c in commands)
     assert any(" -m data_shards verify " in c for c in commands)
-    pretrain = [c for c in commands if "--nproc_per_node 2 launch/pretrain.py" in c]
+    pretrain = [c for c in commands if "launch/pretrain.py --nproc_per_node 2" in c]
     assert len(pretrain) == 2 and pretrain[0] == pretrain[1]  # the very same command resumes
     assert any(c.startswith("kill -USR1 ") for c in commands)
     assert "exited 85" in log and re.search(r"resumed from \S+step-\d+ at step \d+", log)

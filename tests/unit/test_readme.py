@@ -96,7 +96,9 @@ def check_command(line: str) -> None:
     while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # environment assignments
         words = words[1:]
     tool = words[0]
-    if tool == "make":
+    if tool == ".":  # activating the venv the README's other commands run in
+        assert words[1:] == [".venv/bin/activate"] and (Path(sys.executable).parent / "activate").is_file()
+    elif tool == "make":
         assert words[1] in make_targets(), f"make target {words[1]} missing"
     elif tool == "python" and words[1] == "-m":
         module, args = words[2], words[3:]
