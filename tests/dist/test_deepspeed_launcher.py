@@ -52,4 +52,4 @@ def test_deepspeed_user_error_is_one_line_and_exit_2(manifest, tmp_path):
     proc = deepspeed(*tiny_overrides(manifest, tmp_path / "run", "schedule.warmup_steps=50"))
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "gpt-vision-pretrain: error:" in line]
-    assert lines == ["gpt-vision-pretrain: error: config key 'schedule.warmup_steps': 50 exceeds train.steps=8"], lines
+    assert lines == ["gpt-vision-pretrain: error: config key 'schedule.warmup_steps': 50 exceeds train.steps=8 (in command line)"], lines
