@@ -5,7 +5,10 @@ setup(
     version="0.1.0",
     description="Generative pretraining of image transformers (Image-GPT) at scale",
     python_requires=">=3.10",
-    packages=find_packages(include=["gpt_vision", "gpt_vision.*", "data_shards", "data_shards.*"]),
+    packages=find_packages(include=["gpt_vision", "gpt_vision.*", "data_shards", "data_shards.*"]) + ["gpt_vision.configs"],
+    # The shipped presets travel with an installed package as gpt_vision/configs (`defaults:` finds them).
+    package_dir={"gpt_vision.configs": "configs"},
+    package_data={"gpt_vision.configs": ["*/*.yaml"]},
     install_requires=[
         "torch>=2.6",
         "deepspeed>=0.15",

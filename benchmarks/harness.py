@@ -29,8 +29,8 @@ import torch.multiprocessing as mp
 from torch._subclasses.fake_tensor import FakeTensor
 
 from gpt_vision.model import ModelConfig, build_model, build_objective, flops_per_token
+from gpt_vision.optim import OptimConfig
 from gpt_vision.parallel import ParallelConfig, build_strategy
-from gpt_vision.train.config import OptimConfig
 
 # strategy label -> (ParallelConfig.strategy, zero_stage)
 STRATEGIES = {

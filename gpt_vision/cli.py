@@ -84,7 +84,8 @@ def pretrain_main(argv: list[str] | None = None) -> int:
         args = _pretrain_args(prog, strip_launcher_args(raw))
         if args.nproc_per_node:
             return _start_local_ranks(prog, args.nproc_per_node, raw, env)
-        from gpt_vision.config import PretrainConfig, load_config
+        from gpt_vision.config_loader import load_config
+        from gpt_vision.run_configs import PretrainConfig
         from gpt_vision.tasks.pretrain import run_pretraining
         from gpt_vision.threads import configure_threads
         from gpt_vision.train import preemption

@@ -17,10 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gpt_vision import layout
-from gpt_vision.config import build
+from gpt_vision.config_loader import build
 from gpt_vision.data.palette import Palette
 from gpt_vision.errors import ConfigError, UserError
-from gpt_vision.layout import CONFIG_FILE, META_FILE, MODEL_FILE, PALETTE_FILE, Kind
+from gpt_vision.layout import CONFIG_FILE, Kind, META_FILE, MODEL_FILE, PALETTE_FILE
 from gpt_vision.model import ModelConfig, build_model
 from gpt_vision.model.gpt import GPT
 from gpt_vision.model.shapes import check_weights_fit

@@ -1,4 +1,4 @@
-"""The `slurm:` section and submitit jobs: executor from the section, a preemption-safe callable, sweeps.
+"""The submitit launcher: executor from the `slurm:` section, a preemption-safe job callable, sweeps.
 
 Preemption with submitit: submitit's own USR2 handler (installed before our code runs) calls
 `checkpoint()` on rank 0 only, then requeues at once and exits from inside the signal handler,
@@ -16,55 +16,21 @@ import os
 import re
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from gpt_vision.errors import ConfigError, UserError
+from gpt_vision.config_loader import load_config
+from gpt_vision.errors import UserError
+from gpt_vision.run_configs import FinetuneConfig, PretrainConfig
+from gpt_vision.slurm_config import SlurmConfig
 
 # Seconds a non-zero rank waits, after a stop, for rank 0's requeue to end it.
 REQUEUE_WAIT_S = 300
 TASKS = ("pretrain", "finetune")
-
-
-@dataclass
-class SlurmConfig:
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    nodes: int = 1
-    gpus_per_node: int = 0  # tasks per node = max(1, gpus_per_node): one rank per GPU
-    tasks_per_node: int = 0  # 0: follow gpus_per_node
-    cpus_per_task: int = 8
-    mem_gb: int = 0  # 0: the partition's default
-    time_min: int = 60
-    constraint: str = ""
-    # Seconds of warning before the time limit (USR1), time to checkpoint and requeue.
-    signal_delay_s: int = 120
-    max_requeues: int = 10
-    array_parallelism: int = 16
-    log_dir: str = ""  # default: <run_dir>/slurm
-    extra: dict[str, str] = field(default_factory=dict)  # more sbatch options, e.g. {"exclusive": ""}
-
-    @property
-    def ntasks_per_node(self) -> int:
-        return self.tasks_per_node or max(1, self.gpus_per_node)
-
-    def check(self) -> None:
-        for name in ("nodes", "cpus_per_task", "time_min", "array_parallelism"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("gpus_per_node", "tasks_per_node", "mem_gb", "signal_delay_s", "max_requeues"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.signal_delay_s >= self.time_min * 60:
-            raise ConfigError("signal_delay_s", f"{self.signal_delay_s}s warning does not fit in time_min={self.time_min}")
-        for key in self.extra:
-            if not re.fullmatch(r"[a-z][a-z0-9_-]*", key):
-                raise ConfigError("extra", f"{key!r} is not an sbatch option name (e.g. exclusive, mail-type)")
 
 
 def executor_parameters(cfg: SlurmConfig, name: str, local: bool = False) -> dict[str, Any]:
@@ -241,13 +207,7 @@ class Submission:
 
 
 def _task_config(task: str):
-    if task == "pretrain":
-        from gpt_vision.config import PretrainConfig
-
-        return PretrainConfig
-    from gpt_vision.tasks.finetune_config import FinetuneConfig
-
-    return FinetuneConfig
+    return PretrainConfig if task == "pretrain" else FinetuneConfig
 
 
 def _run_location(cfg) -> tuple[str, Path]:
@@ -263,8 +223,6 @@ def plan_submissions(task: str, config: str | None, overrides: list[str], sweep:
     A config without a `slurm:` section (fine-tuning) takes `slurm.*` overrides on the side.
     Sweep members run in `<run dir>/<suffix>` (named `<name>-<suffix>`), so they never share checkpoints.
     """
-    from gpt_vision.config import load_config
-
     cls = _task_config(task)
     config = str(Path(config).resolve()) if config else None
     has_slurm = "slurm" in cls.__dataclass_fields__

@@ -321,7 +321,8 @@ def _manifest_matches(manifest: Path, scale: Scale) -> bool:
 
 
 def _total_steps(scale: Scale) -> int:
-    from gpt_vision.config import PretrainConfig, load_config
+    from gpt_vision.config_loader import load_config
+    from gpt_vision.run_configs import PretrainConfig
 
     return load_config(PretrainConfig, str(ROOT / "configs/pretrain/fmnist_demo.yaml"), scale.pretrain).train.steps
 

@@ -15,8 +15,8 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
+from gpt_vision.optim import OptimConfig
 from gpt_vision.parallel.config import ParallelConfig
-from gpt_vision.train.config import OptimConfig
 
 
 @dataclass

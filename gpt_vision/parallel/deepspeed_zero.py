@@ -46,11 +46,9 @@ from torch import nn
 
 from gpt_vision.errors import ConfigError, UserError
 from gpt_vision.layout import atomic_dir, write_atomic
+from gpt_vision.optim import OptimConfig, adamw_kwargs, param_groups, set_lr
 from gpt_vision.parallel import safe_load
 from gpt_vision.parallel.base import StepResult, Strategy
-from gpt_vision.parallel.common import set_lr
-from gpt_vision.train.config import OptimConfig
-from gpt_vision.train.optim import adamw_kwargs, param_groups
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gpt_vision.parallel import common
+from gpt_vision.optim import OptimConfig, adamw_kwargs, param_groups, set_lr
+from gpt_vision.parallel import update
 from gpt_vision.parallel.base import StepResult
 from gpt_vision.parallel.single import SingleStrategy
-from gpt_vision.train.config import OptimConfig
-from gpt_vision.train.optim import adamw_kwargs, param_groups
 
 
 class FairscaleStrategy(SingleStrategy):
@@ -53,13 +52,13 @@ class FairscaleStrategy(SingleStrategy):
         return contextlib.nullcontext() if is_boundary else self._model.no_sync()
 
     def step(self, lr: float) -> StepResult:
-        common.set_lr(self.optimizer, lr)  # OSS copies its groups' lr into the shard optimizer
+        set_lr(self.optimizer, lr)  # OSS copies its groups' lr into the shard optimizer
         owned = [p for group in self.optimizer.optim.param_groups for p in group["params"]]
-        squared = common.local_norm(owned).to(self.comm_device) ** 2
+        squared = update.local_norm(owned).to(self.comm_device) ** 2
         if self.world_size > 1:
             dist.all_reduce(squared)
         total = squared.sqrt().to(self.device)
-        return common.guarded_update(
+        return update.guarded_update(
             self.optimizer.optim,
             owned,
             total,

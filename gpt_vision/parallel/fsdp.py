@@ -27,10 +27,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from gpt_vision import optim
 from gpt_vision.errors import UserError
-from gpt_vision.parallel import common, safe_load
+from gpt_vision.optim import OptimConfig
+from gpt_vision.parallel import common, safe_load, update
 from gpt_vision.parallel.base import StepResult, Strategy
-from gpt_vision.train.config import OptimConfig
 
 
 class FSDPStrategy(Strategy):
@@ -53,7 +54,7 @@ class FSDPStrategy(Strategy):
         for block in model.blocks:
             fully_shard(block, **options)
         self._model = fully_shard(model, **options)
-        self.optimizer = common.build_adamw(self._model, optim_cfg, self.device)
+        self.optimizer = optim.build_adamw(self._model, optim_cfg, self.device)
         self._params = [p for p in self._model.parameters() if p.requires_grad]
 
     @property
@@ -77,12 +78,12 @@ class FSDPStrategy(Strategy):
         (loss / self.grad_accum).backward()
 
     def step(self, lr: float) -> StepResult:
-        common.set_lr(self.optimizer, lr)
-        grads = common.grads_of(self._params)
+        optim.set_lr(self.optimizer, lr)
+        grads = update.grads_of(self._params)
         total = torch.nn.utils.get_total_norm(grads, 2.0)
         if isinstance(total, DTensor):  # a partial norm per rank; full_tensor all-reduces it
             total = total.full_tensor()
-        return common.guarded_update(
+        return update.guarded_update(
             self.optimizer,
             self._params,
             total.to(torch.float32),

@@ -6,9 +6,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpt_vision.parallel import common
+from gpt_vision import optim
+from gpt_vision.optim import OptimConfig
+from gpt_vision.parallel import common, update
 from gpt_vision.parallel.base import StepResult, Strategy
-from gpt_vision.train.config import OptimConfig
 
 
 class SingleStrategy(Strategy):
@@ -20,7 +21,7 @@ class SingleStrategy(Strategy):
         self.optim_cfg = optim_cfg
         self.grad_accum = grad_accum
         self._model = self._wrap(model.to(self.device))
-        self.optimizer = common.build_adamw(self.unwrapped, optim_cfg, self.device)
+        self.optimizer = optim.build_adamw(self.unwrapped, optim_cfg, self.device)
         self._params = [p for p in self.unwrapped.parameters() if p.requires_grad]
 
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -38,11 +39,11 @@ class SingleStrategy(Strategy):
         (loss / self.grad_accum).backward()
 
     def step(self, lr: float) -> StepResult:
-        common.set_lr(self.optimizer, lr)
-        return common.guarded_update(
+        optim.set_lr(self.optimizer, lr)
+        return update.guarded_update(
             self.optimizer,
             self._params,
-            common.local_norm(self._params).to(self.device),
+            update.local_norm(self._params).to(self.device),
             self.optim_cfg.grad_clip,
             update=self.optimizer.step,
             zero_grad=lambda: self.optimizer.zero_grad(set_to_none=True),

@@ -15,7 +15,7 @@ from gpt_vision.errors import UserError
 from gpt_vision.export import load_pretrained
 from gpt_vision.model import ModelConfig
 from gpt_vision.model.gpt import GPT
-from gpt_vision.tasks.finetune_config import FinetuneConfig
+from gpt_vision.run_configs import FinetuneConfig
 
 
 @dataclass

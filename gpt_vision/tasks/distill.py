@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from gpt_vision.errors import ConfigError, UserError
 from gpt_vision.model.student import Student, StudentShape, resolve_student
+from gpt_vision.run_configs import FinetuneConfig
 from gpt_vision.tasks.backbone import check_data_fits, count_parameters, freeze, state_checksum
 from gpt_vision.tasks.baselines import pixel_baseline
 from gpt_vision.tasks.finetune import Classifier, load_finetuned
-from gpt_vision.tasks.finetune_config import FinetuneConfig
 from gpt_vision.tasks.harness import FinetuneHarness, accuracy, autocast
 
 

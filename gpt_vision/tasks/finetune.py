@@ -18,14 +18,14 @@ from torch import nn
 from gpt_vision.data.palette import Palette
 from gpt_vision.errors import UserError
 from gpt_vision.export import model_config, read_yaml_mapping, weight_shapes
-from gpt_vision.layout import CLASSIFIER_FILE, MODEL_FILE, PALETTE_FILE, Kind, kind_of
+from gpt_vision.layout import CLASSIFIER_FILE, Kind, MODEL_FILE, PALETTE_FILE, kind_of
 from gpt_vision.model import build_model, build_objective, feature_inputs
 from gpt_vision.model.gpt import GPT
 from gpt_vision.model.shapes import check_weights_fit
+from gpt_vision.run_configs import FinetuneConfig
 from gpt_vision.tasks.backbone import Backbone, count_parameters, resolve_layers
 from gpt_vision.tasks.baselines import pixel_baseline
 from gpt_vision.tasks.features import Pooling
-from gpt_vision.tasks.finetune_config import FinetuneConfig
 from gpt_vision.tasks.harness import FinetuneHarness, accuracy, autocast
 
 

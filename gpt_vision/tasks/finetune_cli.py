@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from gpt_vision.config import load_config
-from gpt_vision.tasks.finetune_config import FinetuneConfig
+from gpt_vision.config_loader import load_config
+from gpt_vision.run_configs import FinetuneConfig
 from gpt_vision.tasks.scores import summary
 from gpt_vision.threads import configure_threads
 

@@ -21,16 +21,16 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from gpt_vision.config import dump_config
+from gpt_vision.config_loader import dump_config
 from gpt_vision.data.manifest import Manifest
 from gpt_vision.data.palette import Palette
 from gpt_vision.data.stream import ShardLoader
 from gpt_vision.errors import UserError
 from gpt_vision.layout import CLASSIFIER_FILE, CONFIG_FILE, MODEL_FILE, PALETTE_FILE, atomic_file, atomic_path, write_atomic
-from gpt_vision.tasks.finetune_config import FinetuneConfig
+from gpt_vision.optim import adamw_kwargs, learning_rate, param_groups
+from gpt_vision.run_configs import FinetuneConfig
 from gpt_vision.tasks.scores import classification_metrics, confusion_image
 from gpt_vision.train.metrics import MetricsLogger
-from gpt_vision.train.optim import adamw_kwargs, learning_rate, param_groups
 
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.npz"

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from gpt_vision import checkpoint as ckpt
-from gpt_vision.config import PretrainConfig, dump_config, to_dict
+from gpt_vision.config_loader import dump_config, to_dict
 from gpt_vision.data.manifest import load_manifest
 from gpt_vision.data.palette import Palette, load_or_fit_palette
 from gpt_vision.data.stream import ShardLoader
@@ -20,6 +20,7 @@ from gpt_vision.layout import CHECKPOINTS_DIR, CONFIG_FILE, PALETTE_FILE, resolv
 from gpt_vision.model import ModelConfig, build_model, build_objective, flops_per_token
 from gpt_vision.parallel import build_strategy
 from gpt_vision.parallel.base import Strategy
+from gpt_vision.run_configs import PretrainConfig
 from gpt_vision.tasks.online_probe import OnlineProbe
 from gpt_vision.train.budget import StepBudget
 from gpt_vision.train.loop import LoopResult, Trainer, to_device

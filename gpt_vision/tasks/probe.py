@@ -17,10 +17,10 @@ from tqdm import tqdm
 
 from gpt_vision.errors import UserError
 from gpt_vision.model import feature_inputs
+from gpt_vision.run_configs import FinetuneConfig
 from gpt_vision.tasks.backbone import Backbone, count_parameters, freeze, resolve_layers, state_checksum
 from gpt_vision.tasks.baselines import keys_digest, pixel_baseline
 from gpt_vision.tasks.features import Features, Pooling, cached_features
-from gpt_vision.tasks.finetune_config import FinetuneConfig
 from gpt_vision.tasks.harness import FinetuneHarness, Predictions, accuracy, autocast
 from gpt_vision.tasks.linear import LinearFit, carve, probe_logits, train_linear
 from gpt_vision.tasks.scores import bar_chart

@@ -13,12 +13,12 @@ import torch
 
 from gpt_vision.checkpoint import CheckpointManager, rng_state, set_rng_state
 from gpt_vision.errors import RankLocalError, UserError
+from gpt_vision.optim import OptimConfig, ScheduleConfig, learning_rate
 from gpt_vision.parallel.base import Strategy
 from gpt_vision.train import preemption
 from gpt_vision.train.budget import StepBudget, plan_steps
-from gpt_vision.train.config import OptimConfig, ScheduleConfig, TrainConfig
+from gpt_vision.train.config import TrainConfig
 from gpt_vision.train.metrics import MetricsLogger, memory_bytes
-from gpt_vision.train.optim import learning_rate
 
 
 class NonFiniteLossError(UserError):

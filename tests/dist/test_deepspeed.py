@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from gpt_vision.errors import ConfigError
+from gpt_vision.optim import OptimConfig, adamw_kwargs, param_groups
 from gpt_vision.parallel.config import ParallelConfig
-from gpt_vision.train.config import OptimConfig
-from gpt_vision.train.optim import adamw_kwargs, param_groups
 from multiproc import run_ranks
 from toymodel import global_batch as toy_batch
 from toymodel import make_model

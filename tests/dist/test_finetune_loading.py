@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt_vision.config import load_config
+from gpt_vision.config_loader import load_config
 from gpt_vision.export import load_pretrained
+from gpt_vision.run_configs import FinetuneConfig
 from gpt_vision.tasks.backbone import load_backbone
 from gpt_vision.tasks.finetune_cli import run
-from gpt_vision.tasks.finetune_config import FinetuneConfig
 from toydata import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,9 +10,10 @@ import torch
 from gpt_vision.data.config import DataConfig
 from gpt_vision.data.palette import Palette
 from gpt_vision.model import ModelConfig, build_model
+from gpt_vision.optim import OptimConfig
 from gpt_vision.parallel import ParallelConfig, build_strategy
 from gpt_vision.tasks.online_probe import OnlineProbe
-from gpt_vision.train.config import OnlineProbeConfig, OptimConfig
+from gpt_vision.train.config import OnlineProbeConfig
 from multiproc import run_ranks
 from toydata import write_toy_shards
 

@@ -15,8 +15,8 @@ from multiproc import run_ranks
 from toymodel import global_batch, make_model
 
 from gpt_vision.errors import ConfigError
+from gpt_vision.optim import OptimConfig
 from gpt_vision.parallel import ParallelConfig, build_strategy, load_consolidated
-from gpt_vision.train.config import OptimConfig
 
 pytestmark = pytest.mark.distributed
 

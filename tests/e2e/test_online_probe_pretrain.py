@@ -2,8 +2,9 @@
 with values that mean something (above chance on learnable toy classes, a pixel baseline once)."""
 import json
 
-from gpt_vision.config import PretrainConfig, load_config
+from gpt_vision.config_loader import load_config
 from gpt_vision.distributed import DistEnv
+from gpt_vision.run_configs import PretrainConfig
 from gpt_vision.tasks.pretrain import run_pretraining
 from gpt_vision.train import preemption
 from toydata import tiny_overrides, write_toy_shards

@@ -4,13 +4,13 @@ import json
 import yaml
 
 from gpt_vision import checkpoint as ckpt
-from gpt_vision.config import PretrainConfig, load_config
+from gpt_vision.config_loader import load_config
 from gpt_vision.distributed import DistEnv
+from gpt_vision.optim import ScheduleConfig, learning_rate
+from gpt_vision.run_configs import PretrainConfig
 from gpt_vision.tasks.pretrain import run_pretraining
 from gpt_vision.train import preemption
 from gpt_vision.train.budget import MEASURED_STEPS, WARMUP_STEPS
-from gpt_vision.train.config import ScheduleConfig
-from gpt_vision.train.optim import learning_rate
 from toydata import tiny_overrides, write_toy_shards
 
 SINGLE = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",

@@ -8,9 +8,10 @@ import yaml
 
 from data_shards.cli import main as shards_main
 from fixtures_images import write_image_folder
-from gpt_vision.config import PretrainConfig, load_config
+from gpt_vision.config_loader import load_config
 from gpt_vision.distributed import DistEnv
 from gpt_vision.errors import UserError
+from gpt_vision.run_configs import PretrainConfig
 from gpt_vision.tasks.pretrain import run_pretraining
 from gpt_vision.train import preemption
 from toydata import tiny_overrides

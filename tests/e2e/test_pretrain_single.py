@@ -7,10 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from gpt_vision import checkpoint as ckpt
-from gpt_vision.config import PretrainConfig, load_config
+from gpt_vision.config_loader import load_config
 from gpt_vision.distributed import DistEnv
 from gpt_vision.errors import UserError
 from gpt_vision.export import export_checkpoint, load_pretrained
+from gpt_vision.run_configs import PretrainConfig
 from gpt_vision.tasks.pretrain import run_pretraining
 from gpt_vision.train import loop, preemption
 from toydata import tiny_overrides, write_toy_shards

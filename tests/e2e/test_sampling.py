@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gpt_vision.config import PretrainConfig, load_config
+from gpt_vision.config_loader import load_config
 from gpt_vision.data.palette import Palette
 from gpt_vision.distributed import DistEnv
 from gpt_vision.export import export_checkpoint
+from gpt_vision.run_configs import PretrainConfig
 from gpt_vision.sampling import grid_shape
 from gpt_vision.tasks.pretrain import run_pretraining
 from gpt_vision.train import preemption

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from gpt_vision.config import PretrainConfig, load_config
+from gpt_vision.config_loader import load_config
 from gpt_vision.distributed import DistEnv
 from gpt_vision.export import load_pretrained
+from gpt_vision.run_configs import PretrainConfig
 from gpt_vision.tasks.pretrain import run_pretraining
 from gpt_vision.train import preemption
 from toydata import tiny_overrides

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from gpt_vision.config import DataConfig
+from gpt_vision.data.config import DataConfig
 from gpt_vision.data.palette import Palette
 from gpt_vision.data.stream import ShardLoader
 from gpt_vision.errors import UserError

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from gpt_vision.config import DataConfig, PretrainConfig, load_config
+from gpt_vision.config_loader import load_config
+from gpt_vision.data.config import DataConfig
 from gpt_vision.data.palette import Palette
 from gpt_vision.data.stream import ShardLoader
 from gpt_vision.errors import UserError
 from gpt_vision.export import load_pretrained
+from gpt_vision.run_configs import PretrainConfig
 from inproc import Payload, pretrain
 from shardgen_path import shardgen
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from gpt_vision.config import parse_override
+from gpt_vision.config_loader import parse_override
 
 from slurm_jobs import REPO
 from toydata import tiny_overrides, write_toy_shards

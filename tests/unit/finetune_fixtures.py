@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from data_shards.writer import write_shards
-from gpt_vision.config import PretrainConfig, load_config
+from gpt_vision.config_loader import load_config
 from gpt_vision.distributed import DistEnv
+from gpt_vision.run_configs import PretrainConfig
 from gpt_vision.tasks.pretrain import run_pretraining
 from gpt_vision.train import preemption
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpt_vision.config import PretrainConfig, dump_config, load_config
+from gpt_vision.config_loader import dump_config, load_config, shipped_configs
 from gpt_vision.errors import ConfigError, UserError
+from gpt_vision.run_configs import FinetuneConfig, PretrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,6 +96,45 @@ def test_a_bad_value_in_an_included_file_names_the_included_file(configs, tmp_pa
     with pytest.raises(ConfigError) as info:
         load_config(PretrainConfig, configs)
     assert info.value.key == "model.preset" and "small.yaml" in str(info.value)
+
+
+@pytest.mark.parametrize("override", ["optim.lr=nan", "optim.lr=.nan", "optim.lr=.inf", "optim.lr=-inf",
+                                      "optim.lr=Infinity", "optim.lr=1e999", "train.peak_flops=-.inf"])
+def test_non_finite_floats_on_the_command_line_are_refused(configs, override):
+    with pytest.raises(ConfigError) as info:
+        load_config(PretrainConfig, configs, [override])
+    assert info.value.key == override.split("=")[0]
+    assert "must be a finite number" in info.value.message and str(info.value).endswith("(in command line)")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text, key", [("optim:\n  lr: .nan\n", "optim.lr"), ("optim:\n  betas: [0.9, .inf]\n", "optim.betas[1]"),
+                                       ("schedule:\n  min_lr_ratio: nan\n", "schedule.min_lr_ratio"),
+                                       ("task:\n  label_smoothing: -.inf\n", "task.label_smoothing")])
+def test_non_finite_floats_in_a_file_name_the_key_and_the_file(tmp_path, text, key):
+    cls = FinetuneConfig if text.startswith("task") else PretrainConfig
+    head = "output_dir: o\ninit: i\n" if cls is FinetuneConfig else "name: x\n"
+    bad = write(tmp_path / "bad.yaml", head + text)
+    with pytest.raises(ConfigError) as info:
+        load_config(cls, bad, ["data.manifest=/d"])
+    assert info.value.key == key
+    assert "must be a finite number" in str(info.value) and str(bad) in str(info.value)
+
+
+def test_defaults_of_a_config_outside_the_repo_use_its_folder_then_the_shipped_presets(tmp_path):
+    mine = tmp_path / "elsewhere"
+    write(mine / "data" / "mine.yaml", "manifest: /my/shards/manifest.json\n")
+    main = write(mine / "run.yaml", "defaults: [model/igpt-tiny, data/mine]\nname: outside\n")
+    cfg = load_config(PretrainConfig, main)
+    assert cfg.model.preset == "igpt-tiny"  # from the shipped configs/model/igpt-tiny.yaml
+    assert cfg.data.manifest == "/my/shards/manifest.json"  # from the config's own folder
+    write(mine / "model" / "igpt-tiny.yaml", "preset: igpt-tiny\nn_layer: 1\n")
+    assert load_config(PretrainConfig, main).model.n_layer == 1  # the config's folder comes first
+
+
+def test_shipped_configs_are_the_repos_configs_folder():
+    assert shipped_configs() == REPO / "configs"
+    assert (shipped_configs() / "model" / "igpt-tiny.yaml").is_file()
 
 
 def test_missing_default_and_missing_file_are_clear(tmp_path):

@@ -8,14 +8,14 @@ import torch
 from data_shards.writer import write_shards
 from finetune_fixtures import (CLASSES, brightness_images, finetune_overrides, one_thread,  # noqa: F401
                                random_init_export, write_brightness_shards)
-from gpt_vision.config import load_config
+from gpt_vision.config_loader import load_config
 from gpt_vision.data.manifest import load_manifest
 from gpt_vision.data.palette import Palette
 from gpt_vision.errors import ConfigError, UserError
 from gpt_vision.export import load_pretrained
+from gpt_vision.run_configs import FinetuneConfig
 from gpt_vision.tasks.features import Pooling, extract_features, grid_pool
 from gpt_vision.tasks.finetune_cli import run
-from gpt_vision.tasks.finetune_config import FinetuneConfig
 from gpt_vision.tasks.harness import FinetuneHarness
 from gpt_vision.tasks.linear import carve, probe_logits, train_linear
 from gpt_vision.tasks.probe import VAL_TEST_GAP, unreliable_choice

@@ -8,13 +8,13 @@ import torch
 
 from finetune_fixtures import one_thread, pretrain_tiny, write_brightness_shards  # noqa: F401
 from gpt_vision import checkpoint as ckpt
-from gpt_vision.config import load_config
+from gpt_vision.config_loader import load_config
 from gpt_vision.data.palette import Palette
 from gpt_vision.errors import UserError
 from gpt_vision.export import export_checkpoint, load_pretrained
 from gpt_vision.interop.hf_imagegpt import export_hf_imagegpt
+from gpt_vision.run_configs import FinetuneConfig
 from gpt_vision.tasks.backbone import load_backbone
-from gpt_vision.tasks.finetune_config import FinetuneConfig
 
 
 @pytest.fixture(scope="module")

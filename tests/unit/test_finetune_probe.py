@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from finetune_fixtures import one_thread, finetune_overrides, random_init_export, write_brightness_shards  # noqa: F401
-from gpt_vision.config import load_config
+from gpt_vision.config_loader import load_config
 from gpt_vision.export import load_pretrained
+from gpt_vision.run_configs import FinetuneConfig
 from gpt_vision.tasks.backbone import state_checksum
-from gpt_vision.tasks.scores import classification_metrics
 from gpt_vision.tasks.finetune_cli import run
-from gpt_vision.tasks.finetune_config import FinetuneConfig
+from gpt_vision.tasks.scores import classification_metrics
 
 
 @pytest.fixture(scope="module")

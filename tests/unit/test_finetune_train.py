@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from finetune_fixtures import one_thread, finetune_overrides, random_init_export, write_brightness_shards  # noqa: F401
-from gpt_vision.config import load_config
+from gpt_vision.config_loader import load_config
 from gpt_vision.data.stream import ShardLoader
 from gpt_vision.errors import UserError
 from gpt_vision.model.student import Student, resolve_student
+from gpt_vision.run_configs import FinetuneConfig
 from gpt_vision.tasks.backbone import state_checksum
-from gpt_vision.tasks.scores import classification_metrics
 from gpt_vision.tasks.finetune import layer_decay_groups, load_finetuned
 from gpt_vision.tasks.finetune_cli import run
-from gpt_vision.tasks.finetune_config import FinetuneConfig
+from gpt_vision.tasks.scores import classification_metrics
 
 RESULT_KEYS = {"top1", "top5", "model", "baselines", "data", "chosen_layer", "per_layer", "parameters", "wall_time_s", "init"}
 NAMES = ["b0", "b1", "b2"]

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from gpt_vision.config import PretrainConfig, load_config
+from gpt_vision.config_loader import load_config
 from gpt_vision.errors import ConfigError, UserError
 from gpt_vision.model import ModelConfig
+from gpt_vision.run_configs import PretrainConfig
 from gpt_vision.tasks.online_probe import (
     _ridge_solutions,
     check_pooling,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gpt_vision.config import PretrainConfig, load_config
-from gpt_vision.tasks.finetune_config import FinetuneConfig
+from gpt_vision.config_loader import load_config
+from gpt_vision.run_configs import FinetuneConfig, PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"

@@ -1,11 +1,13 @@
-"""Strict YAML configuration: `defaults:` composition, dotted overrides, typed dataclass tree.
+"""The generic YAML config loader: `defaults:` composition, dotted overrides, strict dataclass building.
 
-Each component owns its dataclass next to its code; this module only knows how to fill any
-dataclass tree from YAML and reject what does not fit, naming the dotted key and the file.
+Each component owns its dataclass next to its code and the root configs live in `run_configs`;
+this module only knows how to fill any dataclass tree from YAML and reject what does not fit,
+naming the dotted key and the file. It imports nothing of the package but `errors`.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -20,6 +22,8 @@ from gpt_vision.layout import write_atomic
 
 COMMAND_LINE = "command line"
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+# Spellings of nan/inf that YAML leaves as strings (`nan`, `inf`, `-Infinity`); `.nan`/`.inf` load as floats.
+_NONFINITE_RE = re.compile(r"^[+-]?(nan|inf|infinity)$", re.IGNORECASE)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -40,11 +44,29 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _configs_root(path: Path) -> Path:
-    """The nearest enclosing `configs/` folder: `defaults:` entries are relative to it."""
+    """The nearest enclosing `configs/` folder (a copied configs tree keeps its own presets)."""
     for parent in path.resolve().parents:
         if parent.name == "configs":
             return parent
     return path.resolve().parent
+
+
+def shipped_configs() -> Path:
+    """The presets shipped with the package: the checkout's `configs/`, or `gpt_vision/configs` once installed."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "configs"
+    if (package.parent / "setup.py").is_file() and checkout.is_dir():
+        return checkout
+    return package / "configs"
+
+
+def default_search_path(path: Path) -> list[Path]:
+    """Where a `defaults:` entry of the config file `path` is looked up, in order."""
+    places: list[Path] = []
+    for place in (path.resolve().parent, _configs_root(path), shipped_configs()):
+        if place not in places:
+            places.append(place)
+    return places
 
 
 def _merge(base: dict, top: dict, sources: dict, source: str, prefix: str = "") -> None:
@@ -74,14 +96,15 @@ def compose_file(path: Path, section_names: set[str], sources: dict, _stack: tup
     if not isinstance(defaults, list):
         raise ConfigError("defaults", "must be a list of config files", str(path))
     merged: dict = {}
-    root = _configs_root(path)
     for entry in defaults:
         if not isinstance(entry, str):
             raise ConfigError("defaults", f"entries must be strings like 'model/igpt-tiny', got {entry!r}", str(path))
         name = entry if entry.endswith((".yaml", ".yml")) else entry + ".yaml"
-        target = (path.parent / name) if name.startswith(".") else (root / name)
-        if not target.is_file():
-            raise ConfigError("defaults", f"'{entry}' not found (looked for {target})", str(path))
+        places = [path.resolve().parent] if name.startswith(".") else default_search_path(path)
+        target = next((place / name for place in places if (place / name).is_file()), None)
+        if target is None:
+            looked = ", ".join(str(place / name) for place in places)
+            raise ConfigError("defaults", f"'{entry}' not found (looked for {looked})", str(path))
         sub = compose_file(target, section_names, {}, _stack + (path.resolve(),))
         group = Path(entry).parts[0]
         if len(Path(entry).parts) > 1 and group in section_names:
@@ -122,7 +145,7 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str, sources: dict) -> Any:
     """Check `value` against the annotation `tp`, allowing only lossless widenings."""
-    source = sources.get(key)
+    source = sources.get(key) or sources.get(re.sub(r"(\[\d+\])+$", "", key))  # a list item: the list's file
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -163,10 +186,15 @@ def _coerce(value: Any, tp: Any, key: str, sources: dict) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)  # PyYAML reads 3e-4 as a string (YAML 1.1); accept it as a number
+            number = float(value)
+        elif isinstance(value, str) and (_FLOAT_RE.match(value.strip()) or _NONFINITE_RE.match(value.strip())):
+            number = float(value)  # PyYAML reads 3e-4 as a string (YAML 1.1); accept it as a number
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(key, f"must be a finite number, got {value!r}", source)
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -225,53 +253,3 @@ def to_dict(cfg: Any) -> dict:
 def dump_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config (plain YAML, loadable by `load_config`) atomically."""
     write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-# ---- the root configs: each section is owned by its component ---------------------------------
-
-from dataclasses import dataclass, field  # noqa: E402
-
-from gpt_vision.checkpoint import CheckpointConfig  # noqa: E402
-from gpt_vision.data.config import DataConfig, TokenizerConfig  # noqa: E402
-from gpt_vision.model.config import ModelConfig  # noqa: E402
-from gpt_vision.parallel.config import ParallelConfig  # noqa: E402
-from gpt_vision.slurm import SlurmConfig  # noqa: E402
-from gpt_vision.train.config import LoggingConfig, OnlineProbeConfig, OptimConfig, ScheduleConfig, TrainConfig  # noqa: E402
-
-
-@dataclass
-class PretrainConfig:
-    """Everything a pretraining run needs; written resolved into the run directory."""
-
-    name: str = ""
-    # Default: runs/<name>. Checkpoints, TensorBoard, metrics and the resolved config go here.
-    run_dir: str = ""
-    seed: int = 0
-    # Bitwise-reproducible kernels (slower); resume-equality tests turn it on.
-    deterministic: bool = False
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    online_probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
-
-    def check(self) -> None:
-        if not self.name and not self.run_dir:
-            raise ConfigError("name", "is required (the run goes to runs/<name>), or set run_dir")
-        if self.model.vocab_size and self.model.vocab_size != self.tokenizer.clusters:
-            raise ConfigError(
-                "model.vocab_size",
-                f"{self.model.vocab_size} differs from tokenizer.clusters={self.tokenizer.clusters} (leave it 0 to follow the palette)",
-            )
-        if self.schedule.warmup_steps > self.train.steps:
-            raise ConfigError("schedule.warmup_steps", f"{self.schedule.warmup_steps} exceeds train.steps={self.train.steps}")
-
-    @property
-    def resolved_run_dir(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name

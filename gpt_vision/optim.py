@@ -1,10 +1,52 @@
-"""AdamW parameter groups and the learning-rate schedule (a pure function of the step)."""
+"""The optimizer and its LR schedule: `optim:`/`schedule:` sections, AdamW groups, the LR at a step.
+
+Below both the strategies (which build and step the optimizer) and the loops (which set its LR),
+so neither reaches up into the other for it.
+"""
 import math
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
-from gpt_vision.train.config import OptimConfig, ScheduleConfig
+from gpt_vision.errors import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # iGPT/GPT practice: no decay on norms, biases and embeddings unless asked.
+    decay_embeddings: bool = False
+    grad_clip: float = 1.0
+    # auto: fused AdamW on CUDA, foreach elsewhere.
+    implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"
+
+    def check(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("lr", f"must be positive, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError("betas", f"must be two numbers in [0, 1), got {self.betas}")
+        if self.weight_decay < 0:
+            raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.grad_clip < 0:
+            raise ConfigError("grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+
+    def check(self) -> None:
+        if self.warmup_steps < 0:
+            raise ConfigError("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -55,3 +97,13 @@ def learning_rate(step: int, total_steps: int, base_lr: float, cfg: ScheduleConf
     if cfg.kind == "cosine":
         return floor + (base_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return base_lr - (base_lr - floor) * progress
+
+
+def build_adamw(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg), **adamw_kwargs(cfg, device))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group gets `lr` times its optional `lr_scale` (layer-wise decay, heads)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,7 +1,9 @@
-"""Config of `launch/finetune.py`: the root `FinetuneConfig` and the sections the tasks own.
+"""The root configs of the two entry points, side by side: `PretrainConfig` and `FinetuneConfig`.
 
-The backbone's shape and palette are never configured here: they come from `init` (or, for
-distillation, from the teacher), and the data sections are checked against them at start.
+Each composes the sections its components own (data, model, optim, parallel, ...); the sections
+only the fine-tune tasks read (task, student, distill, fine-tune train) are defined here too.
+The backbone's shape and palette are never configured for fine-tuning: they come from `init`
+(or, for distillation, from the teacher), and the data sections are checked against them at start.
 """
 from __future__ import annotations
 
@@ -9,9 +11,53 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from gpt_vision.checkpoint import CheckpointConfig
 from gpt_vision.data.config import DataConfig, TokenizerConfig
 from gpt_vision.errors import ConfigError
-from gpt_vision.train.config import LoggingConfig, OptimConfig, ScheduleConfig
+from gpt_vision.model.config import ModelConfig
+from gpt_vision.optim import OptimConfig, ScheduleConfig
+from gpt_vision.parallel.config import ParallelConfig
+from gpt_vision.slurm_config import SlurmConfig
+from gpt_vision.train.config import LoggingConfig, OnlineProbeConfig, TrainConfig
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run needs; written resolved into the run directory."""
+
+    name: str = ""
+    # Default: runs/<name>. Checkpoints, TensorBoard, metrics and the resolved config go here.
+    run_dir: str = ""
+    seed: int = 0
+    # Bitwise-reproducible kernels (slower); resume-equality tests turn it on.
+    deterministic: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    online_probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def check(self) -> None:
+        if not self.name and not self.run_dir:
+            raise ConfigError("name", "is required (the run goes to runs/<name>), or set run_dir")
+        if self.model.vocab_size and self.model.vocab_size != self.tokenizer.clusters:
+            raise ConfigError(
+                "model.vocab_size",
+                f"{self.model.vocab_size} differs from tokenizer.clusters={self.tokenizer.clusters} (leave it 0 to follow the palette)",
+            )
+        if self.schedule.warmup_steps > self.train.steps:
+            raise ConfigError("schedule.warmup_steps", f"{self.schedule.warmup_steps} exceeds train.steps={self.train.steps}")
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
 
 TaskKind = Literal["linear_probe", "attentive_probe", "finetune", "distill"]
 
