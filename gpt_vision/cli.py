@@ -9,11 +9,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from gpt_vision.errors import UserError
+from gpt_vision.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 
-# A run stopped by a signal (Slurm warning, preemption) after saving: the caller should requeue.
-EXIT_PREEMPTED = 85
-EXIT_USER_ERROR = 2
 # How long a rank other than 0 waits before printing a user error itself (see _guard).
 OTHER_RANKS_WAIT_S = 10.0
 

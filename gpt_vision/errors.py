@@ -1,4 +1,8 @@
-"""Errors that reach users as one clear line (entry points print them and exit non-zero)."""
+"""Errors that reach users as one clear line, and the exit codes entry points and launchers agree on."""
+
+EXIT_USER_ERROR = 2
+# A run stopped by a signal (Slurm warning, preemption) after saving: the caller should requeue.
+EXIT_PREEMPTED = 85
 
 
 class UserError(Exception):

@@ -13,8 +13,7 @@ import logging
 import sys
 from typing import Iterable
 
-from gpt_vision.cli import EXIT_PREEMPTED, EXIT_USER_ERROR
-from gpt_vision.errors import UserError
+from gpt_vision.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 
 
 def launcher_exit_code(codes: Iterable[int]) -> int:

@@ -24,7 +24,7 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from gpt_vision.config_loader import load_config
-from gpt_vision.errors import UserError
+from gpt_vision.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from gpt_vision.run_configs import FinetuneConfig, PretrainConfig
 from gpt_vision.slurm_config import SlurmConfig
 
@@ -126,7 +126,6 @@ class TrainingJob(Checkpointable):
         self.max_requeues = max_requeues
 
     def __call__(self) -> JobOutcome:
-        from gpt_vision.cli import EXIT_PREEMPTED
         from gpt_vision.train import preemption
 
         job_env = submitit.JobEnvironment()
@@ -269,8 +268,6 @@ def submit_main(argv: list[str] | None = None) -> int:
     """`launch/submit.py pretrain|finetune --config X.yaml key=value ... [--sweep k=v1,v2] [--local] [--wait]`."""
     import argparse
     import sys
-
-    from gpt_vision.cli import EXIT_USER_ERROR
 
     parser = argparse.ArgumentParser(prog="gpt-vision-submit", description="Submit training to Slurm via submitit.")
     parser.add_argument("task", choices=TASKS)

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gpt_vision.cli import EXIT_PREEMPTED  # noqa: E402
+from gpt_vision.errors import EXIT_PREEMPTED  # noqa: E402
 from gpt_vision.layout import atomic_file  # noqa: E402
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

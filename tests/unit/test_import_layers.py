@@ -24,7 +24,7 @@ FLOORS = [
     ("train", ["gpt_vision.train", "gpt_vision.run_configs"]),
     ("artifacts", ["gpt_vision.export", "gpt_vision.sampling"]),
     ("tasks", ["gpt_vision.tasks"]),
-    ("entry points", ["gpt_vision.cli", "gpt_vision.slurm"]),
+    ("entry points", ["gpt_vision.cli", "gpt_vision.local_launch", "gpt_vision.slurm"]),
 ]
 
 
