@@ -1,4 +1,4 @@
-"""The loop's config sections: what it counts (`train:`) and where it logs (`logging:`)."""
+"""The loop's config sections: what it counts (`train:`), the online probe it runs (`online_probe:`), where it logs (`logging:`)."""
 from dataclasses import dataclass
 from typing import Literal
 
