@@ -5,12 +5,16 @@
 user error (2) and a save-and-stop (85, which Slurm scripts requeue on) look like crashes. Here
 the agent runs in-process and its result is mapped back: 85 when every rank saved and stopped, 2
 when a rank met a user error (which rank 0 has already printed as one line), otherwise the first
-other failing rank's code (128 + N for a rank killed by signal N).
+other failing rank's code (128 + N for a rank killed by signal N). SIGUSR1 to this process reaches every
+rank (a save-and-stop, as when sent to the ranks); SIGTERM/SIGINT end the ranks through the agent.
 """
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+from pathlib import Path
 from typing import Iterable
 
 from gpt_vision.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
@@ -32,6 +36,7 @@ def launcher_exit_code(codes: Iterable[int]) -> int:
 
 def run_local_ranks(prog: str, nproc: int, script: str, script_args: list[str]) -> int:
     """Run `script script_args` as `nproc` ranks on this machine; the mapped exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -43,8 +48,11 @@ def run_local_ranks(prog: str, nproc: int, script: str, script_args: list[str]) 
     ])
     # The agent logs every rank's failure and each closing signal; the ranks say what happened.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    signal.signal(signal.SIGUSR1, _forward_to_ranks)
     try:
         run(args)
+    except SignalException as stopped:
+        return 128 + int(stopped.sigval)
     except ChildFailedError as failed:
         by_rank = sorted(failed.failures.items())
         code = launcher_exit_code(failure.exitcode for _, failure in by_rank)
@@ -54,3 +62,13 @@ def run_local_ranks(prog: str, nproc: int, script: str, script_args: list[str]) 
                   file=sys.stderr, flush=True)
         return code
     return 0
+
+
+def _forward_to_ranks(signum: int, _frame) -> None:
+    """Send `signum` on to this process's children (the ranks), read from /proc."""
+    for task in Path("/proc/self/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                os.kill(int(pid), signum)
+            except ProcessLookupError:
+                pass

@@ -61,7 +61,8 @@ def rank_pids(parent: int) -> list[int]:
     return [int(pid) for pid in path.read_text().split()] if path.exists() else []
 
 
-def test_sigusr1_to_one_rank_stops_every_rank_with_85(manifest, tmp_path):
+@pytest.mark.parametrize("target", ["one rank", "the launcher"])
+def test_sigusr1_stops_every_rank_with_85(manifest, tmp_path, target):
     run = tmp_path / "run"
     proc = subprocess.Popen(wrapper(*tiny_overrides(manifest, run, "train.steps=100000", "checkpoint.every=100000",
                                                     "train.log_every=1")),
@@ -73,7 +74,7 @@ def test_sigusr1_to_one_rank_stops_every_rank_with_85(manifest, tmp_path):
             time.sleep(0.2)
         ranks = rank_pids(proc.pid)
         assert len(ranks) == 2
-        os.kill(ranks[1], signal.SIGUSR1)
+        os.kill(ranks[1] if target == "one rank" else proc.pid, signal.SIGUSR1)
         _, stderr = proc.communicate(timeout=240)
     finally:
         proc.kill()
