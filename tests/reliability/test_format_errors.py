@@ -1,4 +1,4 @@
-"""Drill 16: damaged or contradictory files and full disks. Each case goes through a real entry
+"""Format drills: damaged or contradictory files and full disks. Each case goes through a real entry
 point (in this process where a fault is injected mid-run; a real 2-rank launch for fsdp) and must
 end with exit code 2 and one line naming the file and what to do; nothing is written or
 allocated for a file that contradicts itself, and a full disk never leaves a half-written record."""
@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import shutil
+import stat
 import subprocess
 
 import pytest
@@ -151,6 +152,19 @@ def test_a_bad_export_config_is_refused_before_building(manifest, single_run, tm
     for line in (sample, tune):
         assert str(config) in line and expected in line
     assert not (tmp_path / "samples").exists() and not (tmp_path / "tuned").exists()
+
+
+def test_an_export_follows_the_umask_and_names_its_step(single_run, tmp_path, capsys, figure):
+    old = os.umask(0o002)
+    try:
+        code = cli.export_main([str(single_run), str(tmp_path / "export")])
+    finally:
+        os.umask(old)
+    said = capsys.readouterr().out.strip()
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in [tmp_path / "export", *(tmp_path / "export").iterdir()]}
+    figure(f"{said}; modes {modes}")
+    assert code == 0 and said.startswith("exported step 2 (")
+    assert set(modes.values()) == {"0o775", "0o664"} and modes["export"] == "0o775"
 
 
 def test_a_refused_hf_pytorch_model_bin_is_one_line(single_run, tmp_path, capsys, figure):
