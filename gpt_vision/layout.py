@@ -9,9 +9,9 @@ Export folder:   model.safetensors, config.yaml (model + source step), palette.n
 Fine-tune output: model.safetensors, classifier.yaml, palette.npy, config.yaml, results.json
 HF ImageGPT:     config.json + model.safetensors | model.safetensors.index.json | pytorch_model.bin
 
-Every file we write goes through `atomic_path` / `write_atomic` / `atomic_dir`: a temporary
-sibling, fsynced, renamed over the target, the folder fsynced; readers never see half a file
-and modes follow the umask like every other file the user creates.
+Every file we write goes through `atomic_path` / `atomic_file` / `write_atomic` / `atomic_dir`:
+a temporary sibling, fsynced, renamed over the target, the folder fsynced; readers never see half
+a file and modes follow the umask like every other file the user creates.
 """
 from __future__ import annotations
 

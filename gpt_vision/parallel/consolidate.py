@@ -11,6 +11,7 @@ import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from gpt_vision.errors import UserError
+from gpt_vision.layout import DCP_METADATA_FILE
 from gpt_vision.parallel import common, safe_load
 
 _MODEL_PREFIX = "model."
@@ -24,7 +25,7 @@ def consolidate_full_files(directory: Path) -> dict[str, torch.Tensor]:
 def consolidate_dcp(directory: Path) -> dict[str, torch.Tensor]:
     """fsdp: allocate every `model.*` tensor from the DCP metadata, then let DCP fill them."""
     directory = Path(directory)
-    metadata = safe_load.read_dcp_metadata(directory / ".metadata")
+    metadata = safe_load.read_dcp_metadata(directory / DCP_METADATA_FILE)
     model = {}
     for key, entry in metadata.state_dict_metadata.items():
         if key.startswith(_MODEL_PREFIX) and isinstance(entry, TensorStorageMetadata):

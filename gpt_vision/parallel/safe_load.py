@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from gpt_vision.errors import UserError
+from gpt_vision.layout import DCP_METADATA_FILE
 
 _REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(.+)")
@@ -134,7 +135,7 @@ class SafeDCPReader(dcp.FileSystemReader):
 
     def read_metadata(self) -> Metadata:  # no **kwargs: DCP must not fall back to per-rank files
         if self._metadata is None:
-            path = self.directory / ".metadata"
+            path = self.directory / DCP_METADATA_FILE
             metadata = read_dcp_metadata(path)
             root = self.directory.resolve()
             ends: dict[Path, int] = {}
