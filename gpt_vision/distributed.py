@@ -19,11 +19,15 @@ inner launcher's view.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping, Sequence
@@ -34,6 +38,10 @@ SLURM_PORT_BASE = 15000
 SLURM_PORT_SPAN = 20000
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
+
+EXIT_ORPHANED = 3  # a rank whose launcher died
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_launcher_watch: list[threading.Thread] = []
 
 _LOCAL_RANK_FLAGS = ("--local_rank", "--local-rank")
 # Slurm's special step ids (SLURM_STEP_ID) for the batch script and the `salloc`/extern steps;
@@ -85,6 +93,35 @@ def detect_env(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         master_port=_port(environ, "MASTER_PORT", DEFAULT_MASTER_PORT),
         launcher="python",
     )
+
+
+def exit_with_launcher(env: DistEnv, poll_s: float = 1.0) -> None:
+    """Make a rank started by torchrun or deepspeed end when its launcher dies (kill -9 included).
+
+    An orphaned rank would otherwise keep training, saving and pruning checkpoints in a run
+    directory that a rerun is already using. Two guards: on Linux the kernel's parent-death
+    signal (SIGKILL: immediate even when the rank is blocked in a collective, and a checkpoint
+    cut short is never committed), and a daemon thread that notices the parent changing, for
+    where that signal does not come. srun/submitit tasks are Slurm's to stop; a plain or
+    hand-launched (`env`) process has no launcher to outlive. Idempotent.
+    """
+    if env.launcher not in ("torchrun", "deepspeed") or _launcher_watch:
+        return
+    launcher_pid = os.getppid()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    watch = threading.Thread(target=_watch_launcher, args=(launcher_pid, env.rank, poll_s),
+                             name="launcher-watch", daemon=True)
+    _launcher_watch.append(watch)
+    watch.start()
+
+
+def _watch_launcher(launcher_pid: int, rank: int, poll_s: float) -> None:
+    while os.getppid() == launcher_pid:
+        time.sleep(poll_s)
+    print(f"rank {rank}: the launcher (pid {launcher_pid}) is gone; exiting so that no orphan keeps writing",
+          file=sys.stderr, flush=True)
+    os._exit(EXIT_ORPHANED)
 
 
 def strip_launcher_args(argv: Sequence[str]) -> list[str]:

@@ -1,4 +1,5 @@
 """Errors that reach users as one clear line, and the exit codes entry points and launchers agree on."""
+import math
 
 EXIT_USER_ERROR = 2
 # A run stopped by a signal (Slurm warning, preemption) after saving: the caller should requeue.
@@ -39,3 +40,13 @@ class RankLocalError(UserError):
     """A user error that only some ranks meet (e.g. a local rank without a GPU)."""
 
     rank_local = True
+
+
+def require_number(key: str, value: float, rule: str, ok: bool) -> None:
+    """ConfigError naming `key` unless `value` is finite and `ok` (the range test) holds.
+
+    Comparisons with NaN are all False, so `lr <= 0` alone lets `.nan` through; every float a
+    component reads goes through here instead.
+    """
+    if not (math.isfinite(value) and ok):
+        raise ConfigError(key, f"must be a finite number {rule}, got {value}")

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from gpt_vision.errors import ConfigError
+from gpt_vision.errors import ConfigError, require_number
 
 
 @dataclass
@@ -26,14 +26,14 @@ class OptimConfig:
     implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"
 
     def check(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError("lr", f"must be positive, got {self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        require_number("lr", self.lr, "> 0", self.lr > 0)
+        if len(self.betas) != 2:
             raise ConfigError("betas", f"must be two numbers in [0, 1), got {self.betas}")
-        if self.weight_decay < 0:
-            raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay}")
-        if self.grad_clip < 0:
-            raise ConfigError("grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
+        for index, beta in enumerate(self.betas):
+            require_number(f"betas[{index}]", beta, "in [0, 1)", 0 <= beta < 1)
+        require_number("eps", self.eps, "> 0", self.eps > 0)
+        require_number("weight_decay", self.weight_decay, ">= 0", self.weight_decay >= 0)
+        require_number("grad_clip", self.grad_clip, ">= 0 (0 disables)", self.grad_clip >= 0)
 
 
 @dataclass
@@ -45,8 +45,7 @@ class ScheduleConfig:
     def check(self) -> None:
         if self.warmup_steps < 0:
             raise ConfigError("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        require_number("min_lr_ratio", self.min_lr_ratio, "in [0, 1]", 0 <= self.min_lr_ratio <= 1)
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:

@@ -7,13 +7,14 @@ The backbone's shape and palette are never configured for fine-tuning: they come
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from gpt_vision.checkpoint import CheckpointConfig
 from gpt_vision.data.config import DataConfig, TokenizerConfig
-from gpt_vision.errors import ConfigError
+from gpt_vision.errors import ConfigError, require_number
 from gpt_vision.model.config import ModelConfig
 from gpt_vision.optim import OptimConfig, ScheduleConfig
 from gpt_vision.parallel.config import ParallelConfig
@@ -115,9 +116,8 @@ class TaskConfig:
             raise ConfigError("pooling", "attentive_probe pools by attention; leave pooling=mean")
         if self.grid_size < 1:
             raise ConfigError("grid_size", f"must be >= 1, got {self.grid_size}")
-        if not 0.0 <= self.val_fraction < 0.9:
-            raise ConfigError("val_fraction", f"must be in [0, 0.9), got {self.val_fraction}")
-        if not self.probe_l2 or any(value < 0 for value in self.probe_l2):
+        require_number("val_fraction", self.val_fraction, "in [0, 0.9)", 0.0 <= self.val_fraction < 0.9)
+        if not self.probe_l2 or not all(math.isfinite(value) and value >= 0 for value in self.probe_l2):
             raise ConfigError("probe_l2", f"must be a non-empty list of values >= 0, got {self.probe_l2}")
         if self.probe_max_iter < 1:
             raise ConfigError("probe_max_iter", f"must be >= 1, got {self.probe_max_iter}")
@@ -125,14 +125,10 @@ class TaskConfig:
             raise ConfigError("baselines", f"lists a baseline twice: {self.baselines}")
         if self.attentive_heads < 1:
             raise ConfigError("attentive_heads", f"must be >= 1, got {self.attentive_heads}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
-        if self.generative_weight < 0:
-            raise ConfigError("generative_weight", f"must be >= 0, got {self.generative_weight}")
-        if not 0.0 < self.layer_decay <= 1.0:
-            raise ConfigError("layer_decay", f"must be in (0, 1], got {self.layer_decay}")
-        if not 0.0 <= self.head_dropout < 1.0:
-            raise ConfigError("head_dropout", f"must be in [0, 1), got {self.head_dropout}")
+        require_number("label_smoothing", self.label_smoothing, "in [0, 1)", 0.0 <= self.label_smoothing < 1.0)
+        require_number("generative_weight", self.generative_weight, ">= 0", self.generative_weight >= 0)
+        require_number("layer_decay", self.layer_decay, "in (0, 1]", 0.0 < self.layer_decay <= 1.0)
+        require_number("head_dropout", self.head_dropout, "in [0, 1)", 0.0 <= self.head_dropout < 1.0)
 
 
 @dataclass
@@ -184,8 +180,7 @@ class StudentConfig:
         for name in ("n_layer", "n_embd", "n_head", "patch_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0 (0 = from the preset), got {getattr(self, name)}")
-        if not 0.0 < self.max_param_ratio <= 1.0:
-            raise ConfigError("max_param_ratio", f"must be in (0, 1], got {self.max_param_ratio}")
+        require_number("max_param_ratio", self.max_param_ratio, "in (0, 1]", 0.0 < self.max_param_ratio <= 1.0)
 
 
 @dataclass
@@ -202,10 +197,8 @@ class DistillConfig:
     labels_only_baseline: bool = True
 
     def check(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError("alpha", f"must be in [0, 1], got {self.alpha}")
+        require_number("temperature", self.temperature, "> 0", self.temperature > 0)
+        require_number("alpha", self.alpha, "in [0, 1]", 0.0 <= self.alpha <= 1.0)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from gpt_vision.errors import ConfigError
+from gpt_vision.errors import ConfigError, require_number
 from gpt_vision.model.presets import PRESETS
 
 
@@ -55,12 +55,9 @@ class ModelConfig:
                 raise ConfigError(key, f"must be >= 0, got {getattr(cfg, key)}")
         if self.channels < 0:
             raise ConfigError("channels", f"must be >= 0 (0: from the data), got {self.channels}")
-        if not 0.0 <= cfg.dropout < 1.0:
-            raise ConfigError("dropout", f"must be in [0, 1), got {cfg.dropout}")
-        if not 0.0 < cfg.mask_ratio < 1.0:
-            raise ConfigError("mask_ratio", f"must be in (0, 1), got {cfg.mask_ratio}")
-        if cfg.init_std <= 0:
-            raise ConfigError("init_std", f"must be > 0, got {cfg.init_std}")
+        require_number("dropout", cfg.dropout, "in [0, 1)", 0.0 <= cfg.dropout < 1.0)
+        require_number("mask_ratio", cfg.mask_ratio, "in (0, 1)", 0.0 < cfg.mask_ratio < 1.0)
+        require_number("init_std", cfg.init_std, "> 0", cfg.init_std > 0)
         if cfg.patch_size < 1:
             raise ConfigError("patch_size", f"must be >= 1, got {cfg.patch_size}")
         if cfg.objective == "next_patch" and cfg.image_size and cfg.image_size % cfg.patch_size:

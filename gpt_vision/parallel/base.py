@@ -10,10 +10,11 @@ import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from gpt_vision.optim import OptimConfig
 from gpt_vision.parallel.config import ParallelConfig
@@ -31,8 +32,15 @@ class Strategy(ABC):
     """Wraps a model and its optimizer for one way of distributing training.
 
     Lifecycle: `setup` once; per optimizer step, for each micro batch
-    `with accumulate(is_last): with autocast(): loss = objective(module, batch)`,
-    then `backward(loss)`; after the last micro batch `step(lr)`.
+
+        with accumulate(is_last):
+            with autocast():
+                loss = objective(module, batch)
+            backward(loss)
+
+    and after the last micro batch `step(lr)`. Forward and backward both happen inside
+    `accumulate`: engines decide during backward whether to reduce gradients (fairscale's
+    ShardedDDP reads its `no_sync` flag in the backward hooks and resets it on exit).
     `save`/`load`/`full_state_dict` are collectives: every rank calls them.
     """
 
@@ -77,7 +85,8 @@ class Strategy(ABC):
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def accumulate(self, is_boundary: bool) -> ContextManager:
-        """Context for one micro batch; skips gradient sync when not at the boundary."""
+        """Context holding one micro batch's forward and backward; gradients are reduced only
+        in the backward of the boundary (last) micro batch."""
         return contextlib.nullcontext()
 
     @abstractmethod
@@ -99,6 +108,21 @@ class Strategy(ABC):
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Unwrapped fp32 CPU model state on rank 0 (None elsewhere); a collective."""
+
+    def local_state_tensors(self) -> Iterator[torch.Tensor]:
+        """The tensors this rank holds for the model and its optimizer (only its shards when
+        sharded): parameters and every tensor of the optimizer state."""
+        yield from (_local(p) for p in self.unwrapped.parameters())
+        yield from optimizer_state_tensors(self.optimizer)
+
+    def state_is_finite(self) -> bool:
+        """True when no rank holds a non-finite parameter or optimizer value. A collective: each
+        rank reads only its own shards (works under FSDP and ZeRO-3), one flag is all-reduced."""
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        for tensor in self.local_state_tensors():
+            if tensor.is_floating_point() and tensor.numel():
+                bad |= ~torch.isfinite(tensor).all().to(bad.device)
+        return not self.any_rank(bool(bad))
 
     # Small collectives the loop needs without knowing whether a process group exists.
     def barrier(self) -> None:
@@ -142,3 +166,14 @@ class Strategy(ABC):
     @property
     def comm_device(self) -> torch.device:
         return self.device if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    """Every tensor in a torch optimizer's per-parameter state (moments, step counters)."""
+    for state in optimizer.state.values():
+        yield from (_local(v) for v in state.values() if torch.is_tensor(v))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2), the tensor itself otherwise."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

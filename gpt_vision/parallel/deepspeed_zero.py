@@ -39,7 +39,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ from gpt_vision.errors import ConfigError, UserError
 from gpt_vision.layout import atomic_dir, write_atomic
 from gpt_vision.optim import OptimConfig, adamw_kwargs, param_groups, set_lr
 from gpt_vision.parallel import safe_load
-from gpt_vision.parallel.base import StepResult, Strategy
+from gpt_vision.parallel.base import StepResult, Strategy, optimizer_state_tensors
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +252,17 @@ class DeepSpeedStrategy(Strategy):
         norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         self._torch_optimizer.skip_next = not math.isfinite(norm)
         return norm
+
+    def local_state_tensors(self) -> Iterator[torch.Tensor]:
+        """This rank's fp32 master partitions (ZeRO 1-2: `single_partition_of_fp32_groups`,
+        ZeRO-3: `fp32_partitioned_groups_flat`), its compute-dtype parameters (ZeRO-3: its
+        `ds_tensor` partition) and the AdamW state of its partition."""
+        engine_opt = self.engine.optimizer
+        for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+            yield from getattr(engine_opt, name, None) or []
+        for param in self.unwrapped.parameters():
+            yield getattr(param, "ds_tensor", param)
+        yield from optimizer_state_tensors(self._torch_optimizer)
 
     def save(self, directory: Path) -> None:
         from deepspeed.checkpoint.constants import (

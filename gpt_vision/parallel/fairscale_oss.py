@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import ContextManager
+from typing import ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,7 @@ from torch import nn
 
 from gpt_vision.optim import OptimConfig, adamw_kwargs, param_groups, set_lr
 from gpt_vision.parallel import update
-from gpt_vision.parallel.base import StepResult
+from gpt_vision.parallel.base import StepResult, optimizer_state_tensors
 from gpt_vision.parallel.single import SingleStrategy
 
 
@@ -49,6 +49,8 @@ class FairscaleStrategy(SingleStrategy):
         return self._model.module
 
     def accumulate(self, is_boundary: bool) -> ContextManager:
+        """`no_sync` is read by ShardedDDP's backward hooks and cleared on exit: the backward
+        of a non-boundary micro batch must run inside it, or every micro batch is reduced."""
         return contextlib.nullcontext() if is_boundary else self._model.no_sync()
 
     def step(self, lr: float) -> StepResult:
@@ -66,6 +68,11 @@ class FairscaleStrategy(SingleStrategy):
             update=self.optimizer.step,
             zero_grad=lambda: self._model.zero_grad(set_to_none=True),
         )
+
+    def local_state_tensors(self) -> Iterator[torch.Tensor]:
+        """The full replica of the weights, and the AdamW state of this rank's OSS partition."""
+        yield from self.unwrapped.parameters()
+        yield from optimizer_state_tensors(self.optimizer.optim)
 
     def save(self, directory: Path) -> None:
         self.optimizer.consolidate_state_dict(recipient_rank=0)  # a collective: OSS shards -> rank 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from gpt_vision.config_loader import dump_config, to_dict
 from gpt_vision.data.manifest import load_manifest
 from gpt_vision.data.palette import Palette, load_or_fit_palette
 from gpt_vision.data.stream import ShardLoader
-from gpt_vision.distributed import DistEnv, init_process_group
+from gpt_vision.distributed import DistEnv, exit_with_launcher, init_process_group
 from gpt_vision.errors import UserError
 from gpt_vision.layout import CHECKPOINTS_DIR, CONFIG_FILE, PALETTE_FILE, resolve_step_dir
 from gpt_vision.model import ModelConfig, build_model, build_objective, flops_per_token
@@ -23,6 +24,7 @@ from gpt_vision.parallel.base import Strategy
 from gpt_vision.run_configs import PretrainConfig
 from gpt_vision.tasks.online_probe import OnlineProbe
 from gpt_vision.train.budget import StepBudget
+from gpt_vision.runlock import DirectoryLock, describe, lock_directory
 from gpt_vision.train.loop import LoopResult, Trainer, to_device
 from gpt_vision.train.metrics import MetricsLogger, image_grid, measure_matmul_flops
 
@@ -54,19 +56,24 @@ def check_palette_fits(palette: Palette, model: ModelConfig) -> None:
                         f"{model.vocab_size} x {model.channels}")
 
 
-def prepare_run_dir(cfg: PretrainConfig, strategy: Strategy) -> tuple[Path, Path | None]:
-    """Create or reopen the run folder; returns it and the step to resume from (if any).
+def prepare_run_dir(cfg: PretrainConfig, strategy: Strategy) -> tuple[Path, Path | None, DirectoryLock | None]:
+    """Create or reopen the run folder; returns it, the step to resume from (if any) and, on
+    rank 0, the lock that makes this run its only writer (release it when the run ends).
 
     A run folder that already holds a run is reused only when resuming, so two runs never
-    mix their checkpoints.
+    mix their checkpoints; a run folder another live run holds is refused before any write.
     """
     run_dir = cfg.resolved_run_dir
-    resume_from = None
-    error = None
+    resume_from, lock, error = None, None, None
     if strategy.rank == 0:
         try:
-            resume_from = _choose_resume(cfg, run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
+            _choose_resume(cfg, run_dir)  # refuse a bad request before creating anything
+            lock = lock_directory(run_dir, "run directory")
+            if lock.stale:
+                print(f"run directory {run_dir}: taking over the lock left by {describe(lock.stale)}, "
+                      "which ended without releasing it", file=sys.stderr, flush=True)
+            resume_from = _choose_resume(cfg, run_dir)  # again under the lock: a holder may just have saved
+            lock.record()
             probe = run_dir / f".write-test-{os.getpid()}"
             probe.write_text("ok")
             probe.unlink()
@@ -74,10 +81,13 @@ def prepare_run_dir(cfg: PretrainConfig, strategy: Strategy) -> tuple[Path, Path
             error = str(exc)
         except OSError as exc:
             error = f"run directory {run_dir} is not writable: {exc.strerror}"
+        if error and lock is not None:
+            lock.release()
+            lock = None
     error, resume_from = strategy.broadcast_object((error, str(resume_from) if resume_from else None))
     if error:
         raise UserError(error)
-    return run_dir, Path(resume_from) if resume_from else None
+    return run_dir, Path(resume_from) if resume_from else None, lock
 
 
 def _choose_resume(cfg: PretrainConfig, run_dir: Path) -> Path | None:
@@ -131,6 +141,7 @@ def configure_determinism(cfg: PretrainConfig) -> None:
 def run_pretraining(cfg: PretrainConfig, env: DistEnv, fault_injector=None) -> LoopResult:
     """The whole run on this rank; every rank calls it (a plain `python` run is world size 1)."""
     started = time.perf_counter()
+    exit_with_launcher(env)
     init_process_group(env, backend=None if cfg.parallel.backend == "auto" else cfg.parallel.backend,
                        timeout_s=cfg.parallel.timeout_s)
     configure_determinism(cfg)
@@ -148,7 +159,18 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, fault_injector=None) -> L
             f"= {train.micro_batch_size}*{env.world_size}"
         )
     model_cfg = resolve_model_config(cfg, load_manifest(cfg.data.manifest, cfg.data.allow_pipe))
-    run_dir, resume_from = prepare_run_dir(cfg, strategy)
+    run_dir, resume_from, lock = prepare_run_dir(cfg, strategy)
+    try:
+        return _train(cfg, env, strategy, model_cfg, run_dir, resume_from, fault_injector, started)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: PretrainConfig, env: DistEnv, strategy: Strategy, model_cfg: ModelConfig, run_dir: Path,
+           resume_from: Path | None, fault_injector, started: float) -> LoopResult:
+    """Everything after the run directory is ours: palette, model, strategy, loop."""
+    train = cfg.train
     palette = load_palette(cfg, strategy, run_dir)
     check_palette_fits(palette, model_cfg)
     planned = ckpt.read_meta(resume_from).get("planned_steps") if resume_from is not None else None

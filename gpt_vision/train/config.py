@@ -2,7 +2,7 @@
 from dataclasses import dataclass
 from typing import Literal
 
-from gpt_vision.errors import ConfigError
+from gpt_vision.errors import ConfigError, require_number
 
 
 @dataclass
@@ -35,6 +35,7 @@ class TrainConfig:
                      "probe_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        require_number("peak_flops", self.peak_flops, ">= 0 (0 measures it)", self.peak_flops >= 0)
         if self.global_batch_size and self.global_batch_size % (self.micro_batch_size * self.grad_accum):
             raise ConfigError(
                 "global_batch_size",

@@ -25,6 +25,10 @@ class NonFiniteLossError(UserError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
 
 
+class NonFiniteStateError(UserError):
+    """Parameters or optimizer state are not finite: such a state is never saved or resumed."""
+
+
 class CollectiveTimeoutError(RankLocalError):
     """Another rank stopped taking part in a step (hung, stalled or gone) for parallel.timeout_s."""
 
@@ -67,6 +71,16 @@ def record_batch_keys(step: int, micro: int, rank: int, batch: dict) -> None:
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def micro_batch(strategy: Strategy, is_boundary: bool, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """One micro batch under the Strategy contract: `forward()` under autocast, then backward,
+    both inside `accumulate` (engines decide during backward whether to reduce gradients)."""
+    with strategy.accumulate(is_boundary):
+        with strategy.autocast():
+            loss = forward()
+        strategy.backward(loss)
+    return loss.detach()
 
 
 class Trainer:
@@ -123,21 +137,35 @@ class Trainer:
         # With a budget, train.steps is provisional until the plan: the measurement must finish.
         self.total_steps = max(train_cfg.steps, budget.steps_to_plan) if budget else train_cfg.steps
         self.state = LoopState()
+        self.last_finite_checkpoint: Path | None = None  # saved or resumed by this run, checked finite
         self.global_batch = train_cfg.micro_batch_size * train_cfg.grad_accum * strategy.world_size
 
     # ---- checkpoints -------------------------------------------------------------------------
 
     def save(self) -> Path:
+        """Write a checkpoint; a non-finite state is refused on every rank before anything is written."""
+        if not self.strategy.state_is_finite():
+            raise NonFiniteStateError(
+                f"step {self.state.step}: parameters or optimizer state are not finite (lower optim.lr?); "
+                f"no checkpoint written for it; {self._newest_finite()}"
+            )
         started = time.perf_counter()
         rank_state = {"data": self.loader.state_dict(), "rng": rng_state(), "world_size": self.strategy.world_size}
         meta = dict(self.meta, samples=self.state.samples, loop=vars(self.state))
         path = self.checkpoints.save(self.state.step, meta, rank_state, self.checkpoint_files)
+        self.last_finite_checkpoint = path
         self.logger.scalars(self.state.step, {"checkpoint_seconds": time.perf_counter() - started}, "checkpoint")
         return path
 
     def restore(self, step_dir: Path) -> None:
         """Load model/optimizer through the strategy, then counters, RNG and data position."""
         self.strategy.load(step_dir)
+        if not self.strategy.state_is_finite():
+            raise NonFiniteStateError(
+                f"checkpoint {step_dir} holds non-finite parameters or optimizer state; "
+                "resume from an earlier step directory (checkpoint.resume=PATH) into a new run directory"
+            )
+        self.last_finite_checkpoint = step_dir
         meta, rank_state = self.checkpoints.load_rank_state(step_dir)
         self.state = LoopState(**meta["loop"])
         if rank_state is not None:
@@ -180,12 +208,9 @@ class Trainer:
                 batch = to_device(next(batches), strategy.device)
                 record_batch_keys(step, micro, strategy.rank, batch)
                 generator = step_generator(self.seed, step, strategy.rank, micro, torch.device("cpu"))
-                with strategy.accumulate(micro == cfg.grad_accum - 1), strategy.autocast():
-                    loss, _stats = self.objective(strategy.module, batch, generator)
-                if self.fault_injector is not None:
-                    loss = self.fault_injector(step, strategy, loss)
-                strategy.backward(loss)
-                loss_sum += loss.detach().float()
+                loss = micro_batch(strategy, micro == cfg.grad_accum - 1,
+                                   lambda: self._micro_loss(step, batch, generator))
+                loss_sum += loss.float()
             outcome = strategy.step(lr)
             skipped = outcome.skipped.to(strategy.device).float()
             consecutive = (consecutive + 1) * skipped
@@ -216,7 +241,7 @@ class Trainer:
                     raise NonFiniteLossError(
                         f"{int(window_max_consecutive.item())} consecutive steps had a non-finite loss or gradient "
                         f"norm (limit train.max_consecutive_skips={cfg.max_consecutive_skips}) before step "
-                        f"{self.state.step}; the last complete checkpoint holds the last good state"
+                        f"{self.state.step}; {self._newest_finite()}"
                     )
                 window_start, window_steps = time.perf_counter(), 0
                 window_loss.zero_(), window_skips.zero_(), window_max_consecutive.zero_()
@@ -253,6 +278,15 @@ class Trainer:
             f"{elapsed:.0f} s spent, planned train.steps={self.total_steps}")
         if self.on_plan is not None:
             self.on_plan(self.total_steps)
+
+    def _newest_finite(self) -> str:
+        if self.last_finite_checkpoint is None:
+            return "no finite checkpoint was saved yet"
+        return f"the newest finite checkpoint is {self.last_finite_checkpoint}"
+
+    def _micro_loss(self, step: int, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        loss, _stats = self.objective(self.strategy.module, batch, generator)
+        return loss if self.fault_injector is None else self.fault_injector(step, self.strategy, loss)
 
     def _window_scalars(self, loss: float, lr: float, grad_norm: float, steps: int, seconds: float, skips: int) -> dict:
         samples_per_s = steps * self.global_batch / max(seconds, 1e-9)

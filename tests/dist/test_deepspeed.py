@@ -74,11 +74,12 @@ def train_step(strategy, step: int, grad_accum: int, poison: bool = False):
     mine = batch[strategy.rank * per_rank:(strategy.rank + 1) * per_rank]
     total = torch.zeros(())
     for micro in range(grad_accum):
-        with strategy.accumulate(micro == grad_accum - 1), strategy.autocast():
-            loss = strategy.module(mine[micro * micro_batch:(micro + 1) * micro_batch])
-        if poison:
-            loss = loss * float("nan")
-        strategy.backward(loss)
+        with strategy.accumulate(micro == grad_accum - 1):
+            with strategy.autocast():
+                loss = strategy.module(mine[micro * micro_batch:(micro + 1) * micro_batch])
+            if poison:
+                loss = loss * float("nan")
+            strategy.backward(loss)
         total += loss.detach()
     result = strategy.step(LR)
     total /= grad_accum * strategy.world_size

@@ -40,9 +40,10 @@ def train_step(strategy, step: int, grad_accum: int) -> float:
     rows = global_batch(step, GLOBAL_BATCH).chunk(strategy.world_size)[strategy.rank].chunk(grad_accum)
     total = torch.zeros(())
     for i, micro in enumerate(rows):
-        with strategy.accumulate(i == grad_accum - 1), strategy.autocast():
-            loss = strategy.module(micro)
-        strategy.backward(loss)
+        with strategy.accumulate(i == grad_accum - 1):
+            with strategy.autocast():
+                loss = strategy.module(micro)
+            strategy.backward(loss)
         total += loss.detach() / grad_accum
     result = strategy.step(lr_at(step))
     assert not bool(result.skipped)

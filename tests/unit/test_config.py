@@ -173,4 +173,4 @@ def test_cli_prints_one_line_and_exits_2(configs):
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines == ["gpt-vision-pretrain: error: config key 'optim.lr': must be positive, got -1.0 (in command line)"]
+    assert lines == ["gpt-vision-pretrain: error: config key 'optim.lr': must be a finite number > 0, got -1.0 (in command line)"]
