@@ -4,6 +4,7 @@ import math
 EXIT_USER_ERROR = 2
 # A run stopped by a signal (Slurm warning, preemption) after saving: the caller should requeue.
 EXIT_PREEMPTED = 85
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class UserError(Exception):
@@ -46,7 +47,10 @@ def require_number(key: str, value: float, rule: str, ok: bool) -> None:
     """ConfigError naming `key` unless `value` is finite and `ok` (the range test) holds.
 
     Comparisons with NaN are all False, so `lr <= 0` alone lets `.nan` through; every float a
-    component reads goes through here instead.
+    component reads goes through here instead. Values beyond float32 (the training precision)
+    count as infinite: torch cannot even convert them into its kernels' scalars.
     """
     if not (math.isfinite(value) and ok):
         raise ConfigError(key, f"must be a finite number {rule}, got {value}")
+    if abs(value) > FLOAT32_MAX:
+        raise ConfigError(key, f"must be a finite number {rule}; {value} overflows float32")

@@ -13,7 +13,7 @@ from multiproc import run_ranks
 from toymodel import global_batch, make_model
 
 from gpt_vision.parallel import ParallelConfig, build_strategy
-from gpt_vision.train.config import OptimConfig
+from gpt_vision.optim import OptimConfig
 from gpt_vision.train.loop import micro_batch
 
 pytestmark = pytest.mark.distributed
@@ -52,8 +52,8 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 
 def test_every_strategy_at_grad_accum_2_on_2_ranks_matches_single_at_grad_accum_4():
-    [[reference]] = run_ranks(train_cases, 1, [("single", 2, 4)])
-    per_rank = run_ranks(train_cases, 2, [(*CASES[label], 2) for label in CASES], timeout=300)
+    [[reference]] = run_ranks(train_cases, 1, [("single", 2, 4)], timeout=300)
+    per_rank = run_ranks(train_cases, 2, [(*CASES[label], 2) for label in CASES], timeout=600)
     assert max_difference(reference, make_model(0).state_dict()) > 1e-3  # the steps did train
     differences = {label: max_difference(reference, state) for label, state in zip(CASES, per_rank[0])}
     assert all(state is None for state in per_rank[1])

@@ -27,7 +27,7 @@ def alive(pid: int) -> bool:
 def test_ranks_exit_when_the_launcher_is_killed_and_the_rerun_resumes(manifest, tmp_path, figure):
     run, keys = tmp_path / "run", tmp_path / "keys"
     keys.mkdir()
-    args = overrides(manifest, run, "parallel.strategy=ddp", "train.steps=40", "checkpoint.every=2")
+    args = overrides(manifest, run, "parallel.strategy=ddp", "train.steps=100", "checkpoint.every=2")
     env = child_env(GPTV_DEBUG_BATCH_KEYS=str(keys))
     launcher = start_cli(args, 2, env, log=tmp_path / "killed.log")
     try:
@@ -36,6 +36,7 @@ def test_ranks_exit_when_the_launcher_is_killed_and_the_rerun_resumes(manifest, 
         assert len(ranks) == 2
         os.kill(launcher.pid, signal.SIGKILL)  # the launcher only: its ranks are not signalled by us
         launcher.wait(timeout=30)
+        killed_in = max(step for step, _ in batch_keys(keys))
         killed = time.monotonic()
         while any(alive(pid) for pid in ranks) and time.monotonic() - killed < 60:
             time.sleep(0.05)
@@ -47,9 +48,10 @@ def test_ranks_exit_when_the_launcher_is_killed_and_the_rerun_resumes(manifest, 
     saved = ckpt.read_meta(newest)["step"]
     rerun = run_cli(args, 2, env)
     figure(f"ranks outlived the launcher by {outlived:.2f} s (bound {BOUND_S:.0f} s), survivors {survivors}; "
-           f"rerun exit {rerun.returncode}, resumed from {newest.name}")
+           f"killed in step {killed_in + 1}; rerun exit {rerun.returncode}, resumed from {newest.name}")
     assert survivors == [] and outlived <= BOUND_S
+    assert saved <= killed_in + 1  # nothing was trained or saved after the launcher died
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from {newest} at step {saved}" in rerun.stdout + rerun.stderr
-    assert ckpt.read_meta(ckpt.latest_complete(run / "checkpoints"))["step"] == 40
-    assert max(step for step, _ in batch_keys(keys)) == 39
+    assert ckpt.read_meta(ckpt.latest_complete(run / "checkpoints"))["step"] == 100
+    assert max(step for step, _ in batch_keys(keys)) == 99
