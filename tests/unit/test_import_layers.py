@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "gpt_vision"
 # A module is placed by its longest listed prefix; a new module must be placed here explicitly.
 FLOORS = [
     ("errors", ["gpt_vision", "gpt_vision.errors"]),
-    ("on-disk layout", ["gpt_vision.layout"]),
+    ("on-disk layout", ["gpt_vision.layout", "gpt_vision.runlock"]),
     ("config loader", ["gpt_vision.config_loader"]),
     ("components", ["gpt_vision.model", "gpt_vision.data", "gpt_vision.optim", "gpt_vision.distributed",
                     "gpt_vision.slurm_config", "gpt_vision.checkpoint", "gpt_vision.threads"]),
