@@ -62,7 +62,8 @@ FULL = Scale(
 SMALL = Scale(
     name="small", train_images=512, test_images=128, image_size=8,
     pretrain=["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "tokenizer.clusters=8",
-              "tokenizer.sample_pixels=20000", "schedule.warmup_steps=4",
+              "tokenizer.sample_pixels=20000", "schedule.warmup_steps=4", "train.probe_every=24",
+              "online_probe.train_images=256", "online_probe.test_images=128",
               "train.steps=48", "train.micro_batch_size=8", "train.global_batch_size=16", "train.log_every=4", "train.eval_every=12",
               "train.eval_batches=2", "train.sample_every=12", "train.peak_flops=1e12", "checkpoint.every=8",
               "data.shuffle_buffer=64"],
@@ -248,14 +249,20 @@ class Demo:
 
 
 def collect_summary(out: Path, timings: dict[str, float], total_seconds: float, scale: str) -> dict:
-    """The numbers the demo reports, read back from the files the steps wrote."""
+    """The numbers the demo reports, each beside the baseline it must beat, read back from the files
+    the steps wrote (pixels and from-scratch baselines were computed on the same split by the steps)."""
     from gpt_vision.export import load_pretrained
 
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
+    probes = [r for r in rows if r["split"] == "probe"]
     results = {name: json.loads((out / name / "results.json").read_text()) for name in ("probe", "finetune", "distill")}
     pretrained = load_pretrained(out / "run")
+
+    def baseline(name: str, kind: str) -> float | None:
+        return results[name]["baselines"].get(kind, {}).get("top1")
+
     return {
         "scale": scale,
         "machine": _machine(),
@@ -266,12 +273,16 @@ def collect_summary(out: Path, timings: dict[str, float], total_seconds: float, 
             "val_bits_per_dim": val[-1]["bits_per_dim"] if val else None,
             "train_bits_per_dim": train[-1]["bits_per_dim"],
             "tokens_per_s": sum(r["tokens_per_s"] for r in train) / len(train),
+            "online_probe": [{"step": r["step"], "top1": r["top1"]} for r in probes],
+            "online_probe_pixels": next((r["pixels_top1"] for r in probes if "pixels_top1" in r), None),
         },
         "linear_probe": {"top1": results["probe"]["top1"], "layer": results["probe"]["chosen_layer"],
-                         "parameters": results["probe"]["parameters"]["trainable"]},
-        "finetune": {"top1": results["finetune"]["top1"], "parameters": results["finetune"]["parameters"]["trainable"]},
+                         "parameters": results["probe"]["parameters"]["trainable"],
+                         "pixels_top1": baseline("probe", "pixels")},
+        "finetune": {"top1": results["finetune"]["top1"], "parameters": results["finetune"]["parameters"]["trainable"],
+                     "scratch_top1": baseline("finetune", "scratch"), "pixels_top1": baseline("finetune", "pixels")},
         "distill": {"top1": results["distill"]["top1"], "teacher_top1": results["distill"]["teacher"]["top1"],
-                    "labels_only_top1": results["distill"]["baselines"].get("labels_only", {}).get("top1"),
+                    "labels_only_top1": baseline("distill", "labels_only"),
                     "parameters": results["distill"]["parameters"]["student"]},
         "seconds": {**{k: round(v, 1) for k, v in timings.items()}, "total": round(total_seconds, 1)},
     }
@@ -280,23 +291,33 @@ def collect_summary(out: Path, timings: dict[str, float], total_seconds: float, 
 def format_summary(s: dict) -> list[str]:
     p, seconds = s["pretrain"], s["seconds"]
     bpd = f"{p['val_bits_per_dim']:.3f}" if p["val_bits_per_dim"] is not None else "n/a"
+    probe, finetune, distill = s["linear_probe"], s["finetune"], s["distill"]
     lines = [
-        f"{'what':<34} {'result':>22} {'parameters':>12} {'wall time':>10}",
-        f"{'pretraining, ' + str(p['steps']) + ' steps':<34} {bpd + ' val bits/dim':>22} {p['parameters']:>12,} "
+        f"{'what':<34} {'result':>14} {'must beat':>26} {'parameters':>12} {'wall time':>10}",
+        f"{'pretraining, ' + str(p['steps']) + ' steps':<34} {bpd + ' bits/dim':>14} {'':>26} {p['parameters']:>12,} "
         f"{seconds.get('pretrain', 0):>9.0f}s",
-        f"{'linear probe (layer ' + str(s['linear_probe']['layer']) + ')':<34} "
-        f"{_pct(s['linear_probe']['top1']) + ' top-1':>22} {s['linear_probe']['parameters']:>12,} "
-        f"{seconds.get('probe', 0):>9.0f}s",
-        f"{'fine-tune':<34} {_pct(s['finetune']['top1']) + ' top-1':>22} {s['finetune']['parameters']:>12,} "
-        f"{seconds.get('finetune', 0):>9.0f}s",
-        f"{'distilled student':<34} {_pct(s['distill']['top1']) + ' top-1':>22} {s['distill']['parameters']:>12,} "
-        f"{seconds.get('distill', 0):>9.0f}s",
     ]
-    if s["distill"]["labels_only_top1"] is not None:
-        lines.append(f"{'same student, labels only':<34} {_pct(s['distill']['labels_only_top1']) + ' top-1':>22}")
-    lines.append(f"{'pretraining throughput':<34} {p['tokens_per_s']:>15,.0f} tok/s")
-    lines.append(f"{'total':<34} {'':>22} {'':>12} {seconds['total']:>9.0f}s   ({s['machine']})")
+    if p["online_probe"]:
+        curve = " ".join(f"{_pct(r['top1'])}@{r['step']}" for r in p["online_probe"])
+        lines.append(f"{'  online probe (subset)':<34} {curve}  (pixels {_pct(p['online_probe_pixels'])})")
+    lines += [
+        f"{'linear probe (layer ' + str(probe['layer']) + ')':<34} {_pct(probe['top1']):>14} "
+        f"{_baseline('pixels', probe['pixels_top1']):>26} {probe['parameters']:>12,} {seconds.get('probe', 0):>9.0f}s",
+        f"{'fine-tune':<34} {_pct(finetune['top1']):>14} "
+        f"{_baseline('scratch', finetune['scratch_top1']) + ', probe':>26} {finetune['parameters']:>12,} "
+        f"{seconds.get('finetune', 0):>9.0f}s",
+        f"{'distilled student':<34} {_pct(distill['top1']):>14} "
+        f"{_baseline('labels only', distill['labels_only_top1']):>26} {distill['parameters']:>12,} "
+        f"{seconds.get('distill', 0):>9.0f}s",
+        f"{'  its teacher (the fine-tune)':<34} {_pct(distill['teacher_top1']):>14}",
+        f"{'pretraining throughput':<34} {p['tokens_per_s']:>14,.0f} tok/s",
+        f"{'total':<34} {'':>14} {'':>26} {'':>12} {seconds['total']:>9.0f}s   ({s['machine']})",
+    ]
     return lines
+
+
+def _baseline(name: str, top1: float | None) -> str:
+    return f"{name} {_pct(top1)}" if top1 is not None else f"{name} (not run)"
 
 
 def write_idx_subset(source: Path, target: Path, counts: dict[str, int]) -> None:

@@ -78,6 +78,8 @@ def test_tensorboard_holds_the_promised_scalars_and_images(demo):
     tags = run.Tags()
     assert {"train/loss", "train/bits_per_dim", "train/tokens_per_s", "val/loss", "val/bits_per_dim"} <= set(tags["scalars"])
     assert {"samples/unconditional", "sampling/completions", "sampling/unconditional"} <= set(tags["images"])
+    assert [event.step for event in run.Scalars("probe/top1")] == [24, 48]  # the online probe's curve
+    assert all(0 <= event.value <= 1 for event in run.Scalars("probe/top1"))
     steps = [event.step for event in run.Scalars("train/loss")]
     assert steps == sorted(set(steps)) and steps[-1] == 48  # resumed without repeating or losing steps
     assert all(np.isfinite(event.value) for event in run.Scalars("val/bits_per_dim"))
@@ -86,12 +88,16 @@ def test_tensorboard_holds_the_promised_scalars_and_images(demo):
     assert "test/top1" in probe.Tags()["scalars"]
 
 
-def test_summary_is_printed_with_numbers(demo):
+def test_summary_is_printed_with_numbers_beside_their_baselines(demo):
     out, log = demo
-    assert re.search(r"pretraining, 48 steps\s+\d+\.\d+ val bits/dim\s+[\d,]+\s+\d+s", log)
-    for row in ("linear probe \\(layer \\d+\\)", "fine-tune", "distilled student"):
-        assert re.search(row + r"\s+\d+\.\d% top-1\s+[\d,]+", log), row
+    assert re.search(r"pretraining, 48 steps\s+\d+\.\d+ bits/dim\s+[\d,]+\s+\d+s", log)
+    baselines = {"linear probe \\(layer \\d+\\)": "pixels", "fine-tune": "scratch", "distilled student": "labels only"}
+    for row, baseline in baselines.items():
+        assert re.search(row + r"\s+\d+\.\d%\s+" + baseline + r" \d+\.\d%.*\s+[\d,]+\s+\d+s", log), row
     assert "tensorboard --logdir" in log
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pretrain"]["steps"] == 48 and summary["pretrain"]["val_bits_per_dim"] > 0
     assert 0 <= summary["linear_probe"]["top1"] <= 1 and summary["distill"]["parameters"] < summary["pretrain"]["parameters"]
+    for value in (summary["linear_probe"]["pixels_top1"], summary["finetune"]["scratch_top1"],
+                  summary["distill"]["labels_only_top1"]):
+        assert 0 <= value <= 1
