@@ -30,7 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from gpt_vision.model import ModelConfig, build_model, build_objective, flops_per_token
 from gpt_vision.optim import OptimConfig
-from gpt_vision.parallel import ParallelConfig, build_strategy
+from gpt_vision.parallel import BatchLayout, ParallelConfig, build_strategy
 
 # strategy label -> (ParallelConfig.strategy, zero_stage)
 STRATEGIES = {
@@ -110,14 +110,14 @@ def run_job(job: Job, rank: int = 0, world_size: int = 1) -> dict:
     name, stage = STRATEGIES[job.strategy]
     cfg = ParallelConfig(strategy=name, zero_stage=stage, precision=job.precision,
                          deepspeed_config=_bucket_config(job.deepspeed_bucket) if name == "deepspeed" else "")
-    strategy = build_strategy(cfg, rank, world_size, rank)
+    strategy = build_strategy(cfg, rank, world_size, rank, BatchLayout(job.batch, 1))
     torch.manual_seed(0)
     model_cfg = ModelConfig(**job.model)
     model = build_model(model_cfg)
     if job.compile:
         for block in model.blocks:
             block.compile(dynamic=False)
-    strategy.setup(model, OptimConfig(lr=1e-4), job.batch, 1)
+    strategy.setup(model, OptimConfig(lr=1e-4))
     objective = build_objective(model_cfg.resolved())
     device = strategy.device
     tokens = torch.randint(0, model_cfg.vocab_size, (job.batch, model_cfg.resolved().seq_len), device=device)
@@ -127,7 +127,7 @@ def run_job(job: Job, rank: int = 0, world_size: int = 1) -> dict:
 
     def step() -> None:
         with strategy.accumulate(True), strategy.autocast(), _attention_kernel(job.flash):
-            loss, _ = objective(strategy.module, batch, None)
+            loss = objective(strategy.module, batch, None)
         strategy.backward(loss)
         strategy.step(1e-4)
 

@@ -131,6 +131,10 @@ class CheckpointManager:
         self.cfg = cfg
         self.strategy = strategy
 
+    def due(self, step: int) -> bool:
+        """Whether the loop saves after `step` on its regular cadence (`checkpoint.every`)."""
+        return step % self.cfg.every == 0
+
     def save(self, step: int, meta: dict, rank_state: dict, files: dict[str, bytes] | None = None) -> Path:
         """Write step `step`; `files` (e.g. the palette) are written by rank 0 beside the shards."""
         strategy = self.strategy

@@ -71,7 +71,7 @@ def grid_shape(count: int, columns: int, image_size: int, scale: int) -> tuple[i
     return rows * (side + 2) + 2, columns * (side + 2) + 2
 
 
-def test_images(manifest: str, split: str, count: int, palette: Palette) -> tuple[torch.Tensor, torch.Tensor]:
+def first_images(manifest: str, split: str, count: int, palette: Palette) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `count` images of `split` in shard order, as tokens [N, H*W], and their labels."""
     from gpt_vision.data.config import DataConfig
     from gpt_vision.data.stream import ShardLoader
@@ -151,7 +151,7 @@ def sample(init: str, out: Path, opts: SampleOptions, data_manifest: str | None 
     grids: dict[str, tuple[np.ndarray, int]] = {}  # name -> (cells [N, H, W, C], columns)
     if opts.completions:
         manifest, split = _manifest_and_split(step_dir, data_manifest, split)
-        originals, labels = test_images(manifest, split, opts.completions, palette)
+        originals, labels = first_images(manifest, split, opts.completions, palette)
         completions = draw_completions(model, originals, opts.per_image, opts, generator)
         grids["completions"] = (completion_rows(palette, originals, completions, size), opts.per_image + 2)
         arrays.update(originals=originals.numpy(), labels=labels.numpy(), completions=completions.numpy())

@@ -10,8 +10,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-# Shared test helpers (tests/toydata.py, tests/fixtures_images.py) import as top-level modules.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The shared test helpers are the package `tests.helpers`: the repository root must be importable
+# also under a bare `pytest` (which does not put the working directory on sys.path).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 import pytest  # noqa: E402

@@ -179,7 +179,8 @@ def fit_palette(manifest: str | Manifest, split: str, clusters: int, sample_pixe
     return Palette(kmeans(points, clusters, iterations, seed))
 
 
-def palette_path(data_cfg: DataConfig, tok_cfg: TokenizerConfig, manifest: Manifest) -> Path:
+def palette_path(tok_cfg: TokenizerConfig, manifest: Manifest) -> Path:
+    """Where the palette lives: `tokenizer.path`, else beside local shards (one file per cluster count)."""
     if tok_cfg.path:
         return Path(tok_cfg.path)
     if manifest.local_dir is None:
@@ -194,7 +195,7 @@ def load_or_fit_palette(data_cfg: DataConfig, tok_cfg: TokenizerConfig) -> Palet
     """Reuse the saved palette when it exists (it must have K clusters and the data's channels);
     otherwise fit one on the training split and save it."""
     manifest = load_manifest(data_cfg.manifest, data_cfg.allow_pipe)
-    path = palette_path(data_cfg, tok_cfg, manifest)
+    path = palette_path(tok_cfg, manifest)
     if path.exists():
         palette = Palette.load(path)
         if palette.size != tok_cfg.clusters or palette.channels != manifest.channels:

@@ -3,7 +3,7 @@
 from gpt_vision.model.config import ModelConfig
 from gpt_vision.model.flops import flops_per_token
 from gpt_vision.model.gpt import GPT, build_model
-from gpt_vision.model.objectives import build_objective, feature_inputs, patchify
+from gpt_vision.model.objectives import bits_per_dim, build_objective, feature_inputs, patchify
 from gpt_vision.model.presets import PRESETS
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "ModelConfig",
     "PRESETS",
     "build_model",
+    "bits_per_dim",
     "build_objective",
     "feature_inputs",
     "flops_per_token",

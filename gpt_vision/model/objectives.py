@@ -1,9 +1,9 @@
 """Pretraining objectives: what the model is asked to predict from a batch, and the loss.
 
-`loss, stats = objective(model, batch, generator)`. `model` may be wrapped (DDP, FSDP, a DeepSpeed
+`loss = objective(model, batch, generator)`. `model` may be wrapped (DDP, FSDP, a DeepSpeed
 engine, ShardedDDP), so an objective only calls `model(...)`. Random choices (masks, prefix lengths)
-come from `generator` so a seeded step is reproducible. `stats` holds detached 0-dim tensors, never
-Python numbers, so logging does not force a host sync.
+come from `generator` so a seeded step is reproducible. `bits_per_dim` is the one conversion of a
+token cross-entropy into the likelihood figure iGPT reports.
 """
 
 import math
@@ -62,8 +62,7 @@ class NextPixel:
         tokens = batch["tokens"]
         logits = model(tokens)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
-        stats = {"loss": loss.detach(), "bits_per_dim": loss.detach() / math.log(2)}
-        return loss, stats
+        return loss
 
 
 class MaskedPixel:
@@ -85,8 +84,7 @@ class MaskedPixel:
         mask = self.sample_mask(tuple(tokens.shape), generator).to(tokens.device, non_blocking=True)
         logits = model(tokens, mask=mask)
         loss = F.cross_entropy(logits[mask].float(), tokens[mask])
-        stats = {"loss": loss.detach(), "bits_per_dim": loss.detach() / math.log(2)}
-        return loss, stats
+        return loss
 
 
 class NextPatch:
@@ -107,10 +105,18 @@ class NextPatch:
         err = (pred.float() - normalize_patches(patches)).square().mean(dim=-1)  # [B, N]
         scored = torch.arange(patches.shape[1], device=patches.device)[None, :] >= prefix_len[:, None]
         loss = (err * scored).sum() / scored.sum()
-        return loss, {"loss": loss.detach()}
+        return loss
 
 
 OBJECTIVES = {"next_pixel": NextPixel, "masked_pixel": MaskedPixel, "next_patch": NextPatch}
+
+
+def bits_per_dim(loss: float, cfg: ModelConfig) -> float | None:
+    """Bits per image dimension of a mean cross-entropy per token, in nats: a palette token codes
+    one pixel of `cfg.channels` values. None for next_patch, whose loss is a regression error."""
+    if cfg.objective == "next_patch":
+        return None
+    return loss / math.log(2) / cfg.channels
 
 
 def build_objective(cfg: ModelConfig):

@@ -20,6 +20,18 @@ from gpt_vision.optim import OptimConfig
 from gpt_vision.parallel.config import ParallelConfig
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """How one optimizer step's batch is cut on each rank; fixed when the strategy is built.
+
+    Every strategy scales a micro batch's loss by `grad_accum`; DeepSpeed also writes both
+    numbers into its engine config.
+    """
+
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+
+
 @dataclass
 class StepResult:
     """Outcome of one optimizer step, as tensors so the loop needs no host sync."""
@@ -31,7 +43,7 @@ class StepResult:
 class Strategy(ABC):
     """Wraps a model and its optimizer for one way of distributing training.
 
-    Lifecycle: `setup` once; per optimizer step, for each micro batch
+    Lifecycle: built with its section, rank layout and batch layout; `setup` once; per optimizer step, for each micro batch
 
         with accumulate(is_last):
             with autocast():
@@ -44,10 +56,11 @@ class Strategy(ABC):
     `save`/`load`/`full_state_dict` are collectives: every rank calls them.
     """
 
-    name: str
-
-    def __init__(self, cfg: ParallelConfig, rank: int = 0, world_size: int = 1, local_rank: int = 0):
+    def __init__(self, cfg: ParallelConfig, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+                 batch: BatchLayout = BatchLayout()):
         self.cfg = cfg
+        self.name = cfg.strategy  # recorded in each checkpoint's meta.json
+        self.batch = batch
         self.rank = rank
         self.world_size = world_size
         self.local_rank = local_rank
@@ -65,7 +78,7 @@ class Strategy(ABC):
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
     @abstractmethod
-    def setup(self, model: nn.Module, optim_cfg: OptimConfig, micro_batch_size: int, grad_accum: int) -> None:
+    def setup(self, model: nn.Module, optim_cfg: OptimConfig) -> None:
         """Move/wrap `model` (fp32, seeded init on CPU) and build AdamW with decay groups."""
 
     @property

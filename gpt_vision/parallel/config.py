@@ -3,13 +3,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gpt_vision.errors import ConfigError
-
-STRATEGIES = ("single", "ddp", "fsdp", "deepspeed", "fairscale")
+from gpt_vision.parallel.registry import check_name
 
 
 @dataclass
 class ParallelConfig:
-    strategy: Literal["single", "ddp", "fsdp", "deepspeed", "fairscale"] = "single"
+    strategy: str = "single"  # a name in gpt_vision.parallel.registry.STRATEGIES
     # auto: bf16 on a CUDA device that supports it, fp32 elsewhere (CPU tests stay exact).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
@@ -24,6 +23,7 @@ class ParallelConfig:
     timeout_s: int = 600
 
     def check(self) -> None:
+        check_name(self.strategy)
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.offload_params and not (self.strategy == "deepspeed" and self.zero_stage == 3):

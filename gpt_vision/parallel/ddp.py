@@ -11,12 +11,10 @@ from typing import ContextManager
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gpt_vision.parallel.single import SingleStrategy
+from gpt_vision.parallel.full_replica import FullReplicaStrategy
 
 
-class DDPStrategy(SingleStrategy):
-    name = "ddp"
-
+class DDPStrategy(FullReplicaStrategy):
     def _wrap(self, model: nn.Module) -> nn.Module:
         device_ids = [self.local_rank] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)

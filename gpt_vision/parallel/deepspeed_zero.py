@@ -153,9 +153,7 @@ class _GuardedAdamW(torch.optim.AdamW):
 
 
 class DeepSpeedStrategy(Strategy):
-    name = "deepspeed"
-
-    def setup(self, model: nn.Module, optim_cfg: OptimConfig, micro_batch_size: int, grad_accum: int) -> None:
+    def setup(self, model: nn.Module, optim_cfg: OptimConfig) -> None:
         self._ensure_process_group()
         import deepspeed
 
@@ -166,8 +164,8 @@ class DeepSpeedStrategy(Strategy):
             offload_optimizer=self.cfg.offload_optimizer,
             offload_params=self.cfg.offload_params,
             optim_cfg=optim_cfg,
-            micro_batch_size=micro_batch_size,
-            grad_accum=grad_accum,
+            micro_batch_size=self.batch.micro_batch_size,
+            grad_accum=self.batch.grad_accum,
             world_size=self.world_size,
             user_config_path=self.cfg.deepspeed_config,
         )

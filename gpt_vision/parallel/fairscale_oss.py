@@ -24,20 +24,17 @@ from torch import nn
 from gpt_vision.optim import OptimConfig, adamw_kwargs, param_groups, set_lr
 from gpt_vision.parallel import update
 from gpt_vision.parallel.base import StepResult, optimizer_state_tensors
-from gpt_vision.parallel.single import SingleStrategy
+from gpt_vision.parallel.full_replica import FullReplicaStrategy
 
 
-class FairscaleStrategy(SingleStrategy):
+class FairscaleStrategy(FullReplicaStrategy):
     """Loads and gathers the full state like `single` (rank 0 holds every weight after each step)."""
 
-    name = "fairscale"
-
-    def setup(self, model: nn.Module, optim_cfg: OptimConfig, micro_batch_size: int, grad_accum: int) -> None:
+    def setup(self, model: nn.Module, optim_cfg: OptimConfig) -> None:
         from fairscale.nn.data_parallel import ShardedDataParallel
         from fairscale.optim import OSS
 
         self.optim_cfg = optim_cfg
-        self.grad_accum = grad_accum
         model = model.to(self.device)
         self.optimizer = OSS(
             param_groups(model, optim_cfg), optim=torch.optim.AdamW, **adamw_kwargs(optim_cfg, self.device)

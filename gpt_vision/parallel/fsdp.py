@@ -35,13 +35,10 @@ from gpt_vision.parallel.base import StepResult, Strategy
 
 
 class FSDPStrategy(Strategy):
-    name = "fsdp"
-
-    def setup(self, model: nn.Module, optim_cfg: OptimConfig, micro_batch_size: int, grad_accum: int) -> None:
+    def setup(self, model: nn.Module, optim_cfg: OptimConfig) -> None:
         if not isinstance(getattr(model, "blocks", None), nn.ModuleList):
             raise UserError(f"fsdp shards per transformer block but {type(model).__name__} has no `blocks` ModuleList")
         self.optim_cfg = optim_cfg
-        self.grad_accum = grad_accum
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         options = dict(
             mesh=mesh,
@@ -75,7 +72,7 @@ class FSDPStrategy(Strategy):
         return self._gradient_sync(is_boundary)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.grad_accum).backward()
+        (loss / self.batch.grad_accum).backward()
 
     def step(self, lr: float) -> StepResult:
         optim.set_lr(self.optimizer, lr)

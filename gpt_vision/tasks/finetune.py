@@ -117,7 +117,7 @@ def train_classifier(harness: FinetuneHarness, classifier: Classifier, generativ
             stats = {"accuracy": accuracy(logits, batch["label"]), "class_loss": float(loss.detach())}
             if objective is not None:
                 generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-                generative, _ = objective(classifier.backbone, batch, generator)
+                generative = objective(classifier.backbone, batch, generator)
                 loss = loss + generative_weight * generative
                 stats["generative_loss"] = float(generative.detach())
         return loss, stats

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -18,8 +17,8 @@ from gpt_vision.data.stream import ShardLoader
 from gpt_vision.distributed import DistEnv, exit_with_launcher, init_process_group
 from gpt_vision.errors import UserError
 from gpt_vision.layout import CHECKPOINTS_DIR, CONFIG_FILE, PALETTE_FILE, resolve_step_dir
-from gpt_vision.model import ModelConfig, build_model, build_objective, flops_per_token
-from gpt_vision.parallel import build_strategy
+from gpt_vision.model import ModelConfig, bits_per_dim, build_model, build_objective, flops_per_token
+from gpt_vision.parallel import BatchLayout, build_strategy
 from gpt_vision.parallel.base import Strategy
 from gpt_vision.run_configs import PretrainConfig
 from gpt_vision.tasks.online_probe import OnlineProbe
@@ -145,8 +144,9 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, fault_injector=None) -> L
     init_process_group(env, backend=None if cfg.parallel.backend == "auto" else cfg.parallel.backend,
                        timeout_s=cfg.parallel.timeout_s)
     configure_determinism(cfg)
-    strategy = build_strategy(cfg.parallel, env.rank, env.world_size, env.local_rank)
     train = cfg.train
+    strategy = build_strategy(cfg.parallel, env.rank, env.world_size, env.local_rank,
+                              BatchLayout(train.micro_batch_size, train.grad_accum))
     actual_global = train.micro_batch_size * train.grad_accum * env.world_size
     if train.global_batch_size and train.global_batch_size != actual_global:
         raise UserError(
@@ -186,7 +186,7 @@ def _train(cfg: PretrainConfig, env: DistEnv, strategy: Strategy, model_cfg: Mod
     model = build_model(model_cfg)
     if train.compile:
         compile_blocks(model)
-    strategy.setup(model, cfg.optim, train.micro_batch_size, train.grad_accum)
+    strategy.setup(model, cfg.optim)
     objective = build_objective(model_cfg)
     loader = ShardLoader(cfg.data, cfg.data.train_split, palette, train.micro_batch_size,
                          rank=env.rank, world_size=env.world_size, seed=cfg.seed, train=True)
@@ -205,17 +205,16 @@ def _train(cfg: PretrainConfig, env: DistEnv, strategy: Strategy, model_cfg: Mod
         optim_cfg=cfg.optim,
         schedule_cfg=cfg.schedule,
         checkpoints=ckpt.CheckpointManager(run_dir, cfg.checkpoint, strategy),
-        checkpoint_every=cfg.checkpoint.every,
         logger=logger,
         seed=cfg.seed,
         flops_per_sample=flops_per_token(model_cfg, tokens) * tokens,
         tokens_per_sample=tokens,
-        dims_per_token=model_cfg.channels if model_cfg.objective != "next_patch" else 0,
+        bits_per_dim=lambda loss: bits_per_dim(loss, model_cfg),
         peak_flops=peak,
         meta={"model": dataclasses.asdict(model_cfg), "config": to_dict(resolved),
               **({"planned_steps": planned} if planned else {})},
         checkpoint_files={PALETTE_FILE: (run_dir / PALETTE_FILE).read_bytes()},
-        evaluate=_evaluator(cfg, strategy, objective, palette) if train.eval_every else None,
+        evaluate=_evaluator(cfg, model_cfg, strategy, objective, palette) if train.eval_every else None,
         probe=OnlineProbe(cfg.online_probe, cfg.data, palette, model_cfg, strategy, train.micro_batch_size,
                           cfg.seed, logger.message) if train.probe_every else None,
         sample_images=_sampler(strategy, model_cfg, palette, logger) if model_cfg.objective == "next_pixel" else None,
@@ -277,7 +276,7 @@ class FirstCallTimer:
         return self.objective(*args, **kwargs)
 
 
-def _evaluator(cfg: PretrainConfig, strategy: Strategy, objective, palette: Palette):
+def _evaluator(cfg: PretrainConfig, model_cfg: ModelConfig, strategy: Strategy, objective, palette: Palette):
     """Mean validation loss over the held-out split, each sample read once across ranks."""
 
     def evaluate() -> dict[str, float]:
@@ -294,14 +293,14 @@ def _evaluator(cfg: PretrainConfig, strategy: Strategy, objective, palette: Pale
                 batch = to_device(batch, strategy.device)
                 generator = torch.Generator().manual_seed(cfg.seed + index)
                 with strategy.autocast():
-                    loss, _ = objective(module, batch, generator)
+                    loss = objective(module, batch, generator)
                 count = batch["tokens"].shape[0]
                 totals += torch.tensor([loss.double().item() * count, count], dtype=torch.float64)
         module.train(was_training)
         totals = strategy.all_reduce_sum(totals)
         loss = float(totals[0] / max(totals[1], 1))
-        channels = palette.channels
-        return {"loss": loss, "bits_per_dim": loss / math.log(2) / channels, "samples": float(totals[1])}
+        bits = bits_per_dim(loss, model_cfg)
+        return {"loss": loss, **({"bits_per_dim": bits} if bits is not None else {}), "samples": float(totals[1])}
 
     return evaluate
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -96,12 +95,11 @@ class Trainer:
         optim_cfg: OptimConfig,
         schedule_cfg: ScheduleConfig,
         checkpoints: CheckpointManager,
-        checkpoint_every: int,
         logger: MetricsLogger,
         seed: int,
         flops_per_sample: float,
         tokens_per_sample: int,
-        dims_per_token: int,
+        bits_per_dim: Callable[[float], float | None],
         peak_flops: float,
         meta: dict[str, Any],
         checkpoint_files: dict[str, bytes] | None = None,
@@ -119,12 +117,11 @@ class Trainer:
         self.optim_cfg = optim_cfg
         self.schedule_cfg = schedule_cfg
         self.checkpoints = checkpoints
-        self.checkpoint_every = checkpoint_every
         self.logger = logger
         self.seed = seed
         self.flops_per_sample = flops_per_sample
         self.tokens_per_sample = tokens_per_sample
-        self.dims_per_token = dims_per_token
+        self.bits_per_dim = bits_per_dim
         self.peak_flops = peak_flops
         self.meta = meta
         self.checkpoint_files = checkpoint_files or {}
@@ -258,7 +255,7 @@ class Trainer:
                 result.last_checkpoint = self.save()
                 self.logger.message(f"stopped at step {self.state.step} ({result.stop_reason}); checkpoint {result.last_checkpoint}")
                 break
-            if self.state.step % self.checkpoint_every == 0 or done:
+            if self.checkpoints.due(self.state.step) or done:
                 result.last_checkpoint = self.save()
         result.state = self.state
         return result
@@ -285,7 +282,7 @@ class Trainer:
         return f"the newest finite checkpoint is {self.last_finite_checkpoint}"
 
     def _micro_loss(self, step: int, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        loss, _stats = self.objective(self.strategy.module, batch, generator)
+        loss = self.objective(self.strategy.module, batch, generator)
         return loss if self.fault_injector is None else self.fault_injector(step, self.strategy, loss)
 
     def _window_scalars(self, loss: float, lr: float, grad_norm: float, steps: int, seconds: float, skips: int) -> dict:
@@ -303,8 +300,8 @@ class Trainer:
             "skipped_steps": float(skips),
             "samples": float(self.state.samples),
         }
-        if self.dims_per_token:
-            scalars["bits_per_dim"] = loss / math.log(2) / self.dims_per_token
+        if (bits := self.bits_per_dim(loss)) is not None:
+            scalars["bits_per_dim"] = bits
         for kind, count in getattr(self.loader, "bad_samples", {}).items():
             scalars[f"bad_samples/{kind}"] = float(count)
         return scalars

@@ -9,12 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multiproc import run_ranks
-from toymodel import global_batch, make_model
-
-from gpt_vision.parallel import ParallelConfig, build_strategy
 from gpt_vision.optim import OptimConfig
+from gpt_vision.parallel import BatchLayout, ParallelConfig, build_strategy
 from gpt_vision.train.loop import micro_batch
+from tests.helpers.multiproc import run_ranks
+from tests.helpers.toymodel import global_batch, make_model
 
 pytestmark = pytest.mark.distributed
 
@@ -31,9 +30,10 @@ CASES = {  # label: (strategy, zero_stage)
 
 def train(rank: int, world: int, name: str, stage: int, grad_accum: int) -> dict[str, torch.Tensor] | None:
     """STEPS optimizer steps over this rank's rows of each global batch; rank 0 gets the weights."""
-    strategy = build_strategy(ParallelConfig(strategy=name, zero_stage=stage, precision="fp32"), rank, world, rank)
+    strategy = build_strategy(ParallelConfig(strategy=name, zero_stage=stage, precision="fp32"), rank, world, rank,
+                              BatchLayout(GLOBAL_BATCH // (world * grad_accum), grad_accum))
     optim = OptimConfig(lr=LR, weight_decay=0.1, grad_clip=0.0)
-    strategy.setup(make_model(0), optim, GLOBAL_BATCH // (world * grad_accum), grad_accum)
+    strategy.setup(make_model(0), optim)
     for step in range(STEPS):
         rows = global_batch(step, GLOBAL_BATCH).chunk(world)[rank].chunk(grad_accum)
         for index, micro in enumerate(rows):

@@ -1,18 +1,12 @@
 """Two real processes (gloo), each with its own ShardLoader: together they cover every sample
 exactly once per training epoch and in an evaluation pass."""
-
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from shardgen import write_dataset  # noqa: E402
-
-from gpt_vision.data import DataConfig, Palette, ShardLoader  # noqa: E402
+from gpt_vision.data import DataConfig, Palette, ShardLoader
+from tests.helpers.shardgen import write_dataset
 
 pytestmark = pytest.mark.distributed
 

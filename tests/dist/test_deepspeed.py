@@ -14,10 +14,10 @@ from torch import nn
 
 from gpt_vision.errors import ConfigError
 from gpt_vision.optim import OptimConfig, adamw_kwargs, param_groups
-from gpt_vision.parallel.config import ParallelConfig
-from multiproc import run_ranks
-from toymodel import global_batch as toy_batch
-from toymodel import make_model
+from gpt_vision.parallel import BatchLayout, ParallelConfig
+from tests.helpers.multiproc import run_ranks
+from tests.helpers.toymodel import global_batch as toy_batch
+from tests.helpers.toymodel import make_model
 
 pytestmark = pytest.mark.distributed
 
@@ -60,9 +60,9 @@ def make_strategy(rank: int, world: int, stage: int, grad_accum: int, seed: int 
     from gpt_vision.parallel.deepspeed_zero import DeepSpeedStrategy
 
     cfg = ParallelConfig(strategy="deepspeed", zero_stage=stage, precision="fp32", **offload)
-    strategy = DeepSpeedStrategy(cfg, rank, world, rank)
     # The global batch is fixed; fewer ranks take bigger micro batches.
-    strategy.setup(model(seed), optim_cfg(), MICRO_BATCH * WORLD // world, grad_accum)
+    strategy = DeepSpeedStrategy(cfg, rank, world, rank, BatchLayout(MICRO_BATCH * WORLD // world, grad_accum))
+    strategy.setup(model(seed), optim_cfg())
     return strategy
 
 

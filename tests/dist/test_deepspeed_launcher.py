@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gpt_vision import checkpoint as ckpt
-from toydata import tiny_overrides, write_toy_shards
+from tests.helpers.toydata import tiny_overrides, write_toy_shards
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]

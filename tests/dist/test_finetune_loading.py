@@ -13,11 +13,10 @@ from gpt_vision.export import load_pretrained
 from gpt_vision.run_configs import FinetuneConfig
 from gpt_vision.tasks.backbone import load_backbone
 from gpt_vision.tasks.finetune_cli import run
-from toydata import tiny_overrides
+from tests.helpers.finetune_fixtures import finetune_overrides, write_brightness_shards
+from tests.helpers.toydata import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "unit"))
-from finetune_fixtures import finetune_overrides, write_brightness_shards  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 STRATEGIES = {

@@ -11,11 +11,11 @@ from gpt_vision.data.config import DataConfig
 from gpt_vision.data.palette import Palette
 from gpt_vision.model import ModelConfig, build_model
 from gpt_vision.optim import OptimConfig
-from gpt_vision.parallel import ParallelConfig, build_strategy
+from gpt_vision.parallel import BatchLayout, ParallelConfig, build_strategy
 from gpt_vision.tasks.online_probe import OnlineProbe
 from gpt_vision.train.config import OnlineProbeConfig
-from multiproc import run_ranks
-from toydata import write_toy_shards
+from tests.helpers.multiproc import run_ranks
+from tests.helpers.toydata import write_toy_shards
 
 pytestmark = pytest.mark.distributed
 
@@ -30,9 +30,9 @@ PARALLEL = {
 
 
 def probe_run(rank: int, world: int, name: str, manifest: str, probe_cfg: OnlineProbeConfig = PROBE) -> dict:
-    strategy = build_strategy(PARALLEL[name], rank, world, rank)
+    strategy = build_strategy(PARALLEL[name], rank, world, rank, BatchLayout(4, 1))
     torch.manual_seed(0)
-    strategy.setup(build_model(MODEL), OptimConfig(), 4, 1)
+    strategy.setup(build_model(MODEL), OptimConfig())
     palette = Palette(np.linspace(0, 255, MODEL.vocab_size)[:, None])
     probe = OnlineProbe(probe_cfg, DataConfig(manifest=manifest, num_workers=0), palette, MODEL, strategy, 4, seed=0,
                         message=lambda text: None)

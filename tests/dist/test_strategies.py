@@ -11,12 +11,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from multiproc import run_ranks
-from toymodel import global_batch, make_model
+from tests.helpers.multiproc import run_ranks
+from tests.helpers.toymodel import global_batch, make_model
 
 from gpt_vision.errors import ConfigError
 from gpt_vision.optim import OptimConfig
-from gpt_vision.parallel import ParallelConfig, build_strategy, load_consolidated
+from gpt_vision.parallel import BatchLayout, ParallelConfig, build_strategy, load_consolidated
 
 pytestmark = pytest.mark.distributed
 
@@ -29,9 +29,10 @@ def lr_at(step: int) -> float:
 
 
 def build(name: str, rank: int, world: int, grad_accum: int = 1, seed: int = 0, implementation: str = "foreach"):
-    strategy = build_strategy(ParallelConfig(strategy=name, precision="fp32"), rank, world, rank)
+    strategy = build_strategy(ParallelConfig(strategy=name, precision="fp32"), rank, world, rank,
+                              BatchLayout(GLOBAL_BATCH // (world * grad_accum), grad_accum))
     optim = OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.5, implementation=implementation)
-    strategy.setup(make_model(seed), optim, GLOBAL_BATCH // (world * grad_accum), grad_accum)
+    strategy.setup(make_model(seed), optim)
     return strategy
 
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from gpt_vision.sampling import cell_scale, grid_shape
-from toydata import toy_images
+from tests.helpers.toydata import toy_images
 
 ROOT = Path(__file__).resolve().parents[2]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

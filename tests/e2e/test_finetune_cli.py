@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.finetune_fixtures import random_init_export, write_brightness_shards
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "unit"))
-from finetune_fixtures import random_init_export, write_brightness_shards  # noqa: E402
 
 CONFIG = ROOT / "configs" / "finetune" / "linear_probe.yaml"
 

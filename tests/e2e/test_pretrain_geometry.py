@@ -7,14 +7,14 @@ import pytest
 import yaml
 
 from data_shards.cli import main as shards_main
-from fixtures_images import write_image_folder
+from tests.helpers.fixtures_images import write_image_folder
 from gpt_vision.config_loader import load_config
 from gpt_vision.distributed import DistEnv
 from gpt_vision.errors import UserError
 from gpt_vision.run_configs import PretrainConfig
 from gpt_vision.tasks.pretrain import run_pretraining
 from gpt_vision.train import preemption
-from toydata import tiny_overrides
+from tests.helpers.toydata import tiny_overrides
 
 SINGLE = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",
                  master_port=29500, launcher="python")

@@ -14,7 +14,7 @@ from gpt_vision.export import export_checkpoint, load_pretrained
 from gpt_vision.run_configs import PretrainConfig
 from gpt_vision.tasks.pretrain import run_pretraining
 from gpt_vision.train import loop, preemption
-from toydata import tiny_overrides, write_toy_shards
+from tests.helpers.toydata import tiny_overrides, write_toy_shards
 
 SINGLE = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",
                  master_port=29500, launcher="python")

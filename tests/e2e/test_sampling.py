@@ -16,7 +16,7 @@ from gpt_vision.run_configs import PretrainConfig
 from gpt_vision.sampling import grid_shape
 from gpt_vision.tasks.pretrain import run_pretraining
 from gpt_vision.train import preemption
-from toydata import tiny_overrides, write_toy_shards
+from tests.helpers.toydata import tiny_overrides, write_toy_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 SINGLE = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",

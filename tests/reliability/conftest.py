@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from inproc import tmpfs
-from toydata import write_toy_shards
+from tests.helpers.inproc import tmpfs
+from tests.helpers.toydata import write_toy_shards
 
 
 def pytest_collection_modifyitems(items):

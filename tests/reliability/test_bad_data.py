@@ -9,8 +9,8 @@ from gpt_vision.data.config import DataConfig
 from gpt_vision.data.palette import Palette
 from gpt_vision.data.stream import ShardLoader
 from gpt_vision.errors import UserError
-from inproc import pretrain
-from shardgen_path import shardgen
+from tests.helpers.inproc import pretrain
+from tests.helpers import shardgen
 
 PLANTED = {  # kind counted by the loader: how many of it are planted
     "corrupt_image": 2,  # a zero-byte PNG member, a "PNG" that is really text

@@ -6,7 +6,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from drills import overrides, run_cli
+from tests.helpers.drills import overrides, run_cli
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """Drill 1: two uninterrupted CPU runs in deterministic mode are bitwise equal, step by step."""
-from drills import train_losses
-from inproc import differing_tensors, first_difference, pretrain, weights
+from tests.helpers.drills import train_losses
+from tests.helpers.inproc import differing_tensors, first_difference, pretrain, weights
 
 
 def test_two_runs_give_bitwise_equal_losses_and_weights(manifest, tmp_path, figure):

@@ -7,7 +7,7 @@ import pytest
 
 from gpt_vision import checkpoint as ckpt
 from gpt_vision.errors import UserError
-from inproc import fill_disk_at, pretrain, weights
+from tests.helpers.inproc import fill_disk_at, pretrain, weights
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 

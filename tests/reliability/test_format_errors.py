@@ -17,9 +17,9 @@ from gpt_vision import cli, layout
 from gpt_vision.export import export_checkpoint, load_pretrained
 from gpt_vision.interop.hf_imagegpt import export_hf_imagegpt
 from gpt_vision.train import preemption
-from drills import LAUNCH, PYTHON, REPO, child_env
-from inproc import Payload, fill_disk_at, pretrain, tmpfs
-from toydata import tiny_overrides
+from tests.helpers.drills import LAUNCH, PYTHON, REPO, child_env
+from tests.helpers.inproc import Payload, fill_disk_at, pretrain, tmpfs
+from tests.helpers.toydata import tiny_overrides
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 STEP = "step-0000002"

@@ -5,9 +5,9 @@ import time
 
 import torch.distributed as dist
 
-from drills import _free_port
-from inproc import pretrain
-from ranks import rank_env, run_ranks
+from tests.helpers.drills import _free_port
+from tests.helpers.inproc import pretrain
+from tests.helpers.multiproc import rank_env, run_ranks
 
 TIMEOUT_S = 10
 

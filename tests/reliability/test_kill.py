@@ -5,10 +5,10 @@ import random
 
 import pytest
 
-from drills import (batch_keys, child_env, kill_group, overrides, run_cli, start_cli, train_losses,
+from tests.helpers.drills import (batch_keys, child_env, kill_group, overrides, run_cli, start_cli, train_losses,
                     wait_for_step)
 from gpt_vision import checkpoint as ckpt
-from inproc import differing_tensors, first_difference, weights
+from tests.helpers.inproc import differing_tensors, first_difference, weights
 
 STEPS, EVERY = 8, 2
 CASES = {  # name: (processes, overrides, kill trials)

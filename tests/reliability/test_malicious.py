@@ -16,8 +16,8 @@ from gpt_vision.data.stream import ShardLoader
 from gpt_vision.errors import UserError
 from gpt_vision.export import load_pretrained
 from gpt_vision.run_configs import PretrainConfig
-from inproc import Payload, pretrain
-from shardgen_path import shardgen
+from tests.helpers.inproc import Payload, pretrain
+from tests.helpers import shardgen
 
 
 @pytest.fixture(scope="module")

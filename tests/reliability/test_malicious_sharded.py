@@ -16,8 +16,8 @@ import torch
 from gpt_vision.errors import UserError
 from gpt_vision.export import load_pretrained
 from gpt_vision.parallel import load_consolidated
-from inproc import Payload, differing_tensors, pretrain, weights
-from ranks import rank_env, run_ranks
+from tests.helpers.inproc import Payload, differing_tensors, pretrain, weights
+from tests.helpers.multiproc import rank_env, run_ranks
 
 STRATEGIES = {
     "fsdp": ["parallel.strategy=fsdp"],

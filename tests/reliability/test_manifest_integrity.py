@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from drills import REPO, child_env, overrides, run_cli
-from shardgen_path import shardgen
-from tests.unit.finetune_fixtures import random_init_export, write_brightness_shards
+from tests.helpers.drills import REPO, child_env, overrides, run_cli
+from tests.helpers import shardgen
+from tests.helpers.finetune_fixtures import random_init_export, write_brightness_shards
 
 PIPE_REFUSED = "a pipe: name runs a shell command; refused unless data.allow_pipe: true"
 

@@ -8,8 +8,8 @@ import torch
 
 from gpt_vision import checkpoint as ckpt
 from gpt_vision.train.loop import NonFiniteLossError
-from inproc import differing_tensors, pretrain, weights
-from ranks import rank_env, run_ranks
+from tests.helpers.inproc import differing_tensors, pretrain, weights
+from tests.helpers.multiproc import rank_env, run_ranks
 
 
 class PoisonGrad(torch.autograd.Function):

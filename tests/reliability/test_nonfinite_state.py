@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from drills import overrides, run_cli
+from tests.helpers.drills import overrides, run_cli
 from gpt_vision import checkpoint as ckpt
 from gpt_vision.train.loop import NonFiniteStateError
-from inproc import pretrain
-from ranks import rank_env, run_ranks
+from tests.helpers.inproc import pretrain
+from tests.helpers.multiproc import rank_env, run_ranks
 from test_config_env import error_lines
 
 BAD_VALUES = {

@@ -6,7 +6,7 @@ import signal
 import time
 from pathlib import Path
 
-from drills import batch_keys, child_env, kill_group, run_cli, start_cli, overrides, wait_for_step
+from tests.helpers.drills import batch_keys, child_env, kill_group, run_cli, start_cli, overrides, wait_for_step
 from gpt_vision import checkpoint as ckpt
 
 BOUND_S = 10.0

@@ -5,9 +5,9 @@ import os
 import signal
 import socket
 
-from drills import batch_keys, child_env, overrides, run_cli, start_cli, wait_for_step
+from tests.helpers.drills import batch_keys, child_env, overrides, run_cli, start_cli, wait_for_step
 from gpt_vision import checkpoint as ckpt
-from inproc import differing_tensors, weights
+from tests.helpers.inproc import differing_tensors, weights
 from test_config_env import error_lines, tree_digest
 
 

@@ -6,11 +6,11 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from drills import train_losses
+from tests.helpers.drills import train_losses
 from gpt_vision.export import export_checkpoint, load_pretrained
 from gpt_vision.train import preemption
-from inproc import differing_tensors, first_difference, pretrain, weights
-from ranks import rank_env, run_ranks
+from tests.helpers.inproc import differing_tensors, first_difference, pretrain, weights
+from tests.helpers.multiproc import rank_env, run_ranks
 
 STRATEGIES = {
     "ddp": ["parallel.strategy=ddp"],

@@ -12,7 +12,7 @@ import yaml
 from gpt_vision.config_loader import parse_override
 
 from slurm_jobs import REPO
-from toydata import tiny_overrides, write_toy_shards
+from tests.helpers.toydata import tiny_overrides, write_toy_shards
 
 PRETRAIN_SH = REPO / "slurm" / "pretrain.sh"
 # CPU-only local nodes: no GPUs, one CPU per rank, little memory.

@@ -9,7 +9,7 @@ from gpt_vision.data import DataConfig, ShardLoader
 from gpt_vision.data import integrity
 from gpt_vision.data.palette import Palette
 from gpt_vision.errors import ConfigError, UserError
-from shardgen import relabel_to_zero, serve_http, write_dataset
+from tests.helpers.shardgen import relabel_to_zero, serve_http, write_dataset
 
 GRAY = Palette(np.linspace(0, 255, 8, dtype=np.float32)[:, None])
 

@@ -11,8 +11,8 @@ from data_shards import verify_dir
 from gpt_vision.data import DataConfig, ShardLoader, TokenizerConfig, load_manifest, load_or_fit_palette
 from gpt_vision.data.palette import Palette
 from gpt_vision.errors import UserError
-from gpt_vision.sampling import test_images as read_test_images
-from shardgen import serve_http, write_dataset
+from gpt_vision.sampling import first_images
+from tests.helpers.shardgen import serve_http, write_dataset
 
 GRAY = Palette(np.linspace(0, 255, 8, dtype=np.float32)[:, None])
 PIPE_REFUSED = "a pipe: name runs a shell command; refused unless data.allow_pipe: true"
@@ -45,7 +45,7 @@ def test_pipe_entries_run_nowhere(piped, tmp_path):
         "loader": lambda: ShardLoader(DataConfig(manifest=str(manifest), num_workers=0), "train", GRAY, 2),
         "palette": lambda: load_or_fit_palette(DataConfig(manifest=str(manifest)),
                                                TokenizerConfig(clusters=4, sample_pixels=100, path=str(tmp_path / "p.npy"))),
-        "sampling": lambda: read_test_images(str(manifest), "train", 2, GRAY),
+        "sampling": lambda: first_images(str(manifest), "train", 2, GRAY),
         "manifest": lambda: load_manifest(manifest),
     }
     for name, attempt in attempts.items():

@@ -9,7 +9,7 @@ import pytest
 import gpt_vision.data.stream as stream_module
 from gpt_vision.data import AugmentConfig, DataConfig, Palette, ShardLoader
 from gpt_vision.errors import UserError
-from shardgen import append_raw_members, member_offsets, png_bytes, rehash, write_dataset
+from tests.helpers.shardgen import append_raw_members, member_offsets, png_bytes, rehash, write_dataset
 
 TRAIN = [10, 7, 9, 5, 8]  # 39 samples, 5 shards: enough for 2 ranks x 2 workers
 VAL = [5, 3, 4, 6, 2]  # 20 samples, split by shard

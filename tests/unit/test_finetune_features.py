@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data_shards.writer import write_shards
-from finetune_fixtures import (CLASSES, brightness_images, finetune_overrides, one_thread,  # noqa: F401
+from tests.helpers.finetune_fixtures import (CLASSES, brightness_images, finetune_overrides, one_thread,  # noqa: F401
                                random_init_export, write_brightness_shards)
 from gpt_vision.config_loader import load_config
 from gpt_vision.data.manifest import load_manifest

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from finetune_fixtures import one_thread, pretrain_tiny, write_brightness_shards  # noqa: F401
+from tests.helpers.finetune_fixtures import one_thread, pretrain_tiny, write_brightness_shards  # noqa: F401
 from gpt_vision import checkpoint as ckpt
 from gpt_vision.config_loader import load_config
 from gpt_vision.data.palette import Palette

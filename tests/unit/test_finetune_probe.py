@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from finetune_fixtures import one_thread, finetune_overrides, random_init_export, write_brightness_shards  # noqa: F401
+from tests.helpers.finetune_fixtures import one_thread, finetune_overrides, random_init_export, write_brightness_shards  # noqa: F401
 from gpt_vision.config_loader import load_config
 from gpt_vision.export import load_pretrained
 from gpt_vision.run_configs import FinetuneConfig

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from finetune_fixtures import one_thread, finetune_overrides, random_init_export, write_brightness_shards  # noqa: F401
+from tests.helpers.finetune_fixtures import one_thread, finetune_overrides, random_init_export, write_brightness_shards  # noqa: F401
 from gpt_vision.config_loader import load_config
 from gpt_vision.data.stream import ShardLoader
 from gpt_vision.errors import UserError

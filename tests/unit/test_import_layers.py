@@ -94,7 +94,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_graph_sees_known_edges():
     graph = import_graph()
-    assert "gpt_vision.optim" in graph["gpt_vision.parallel.single"]
+    assert "gpt_vision.optim" in graph["gpt_vision.parallel.full_replica"]
     assert "gpt_vision.parallel.common" in graph["gpt_vision.parallel.consolidate"]  # `from pkg import module`
     assert "gpt_vision.config_loader" in graph["gpt_vision.slurm"]
 

@@ -1,11 +1,11 @@
-"""Objectives: each overfits a fixed batch, and no position sees what its mask forbids."""
-
+"""Objectives: each overfits a fixed batch, no position sees what its mask forbids; bits per dim."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from gpt_vision.model import ModelConfig, build_model, build_objective, patchify
+from gpt_vision.model import ModelConfig, bits_per_dim, build_model, build_objective, patchify
 
 SIDE, PALETTE = 8, 16
 
@@ -59,14 +59,12 @@ def test_objective_overfits_a_fixed_batch(objective):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):  # same generator seed every step: the masks / prefixes are fixed too
-        loss, stats = loss_fn(model, batch, torch.Generator().manual_seed(0))
+        loss = loss_fn(model, batch, torch.Generator().manual_seed(0))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(stats["loss"])
-        assert stats["loss"].dim() == 0 and not stats["loss"].requires_grad
-    if objective != "next_patch":
-        torch.testing.assert_close(stats["bits_per_dim"], stats["loss"] / math.log(2))
+        assert loss.dim() == 0
+        losses.append(loss.detach())
     first, last = losses[0].item(), sum(x.item() for x in losses[-5:]) / 5
     assert last < 0.1 * first, (first, last)
 
@@ -135,7 +133,7 @@ def test_next_patch_loss_ignores_the_prefix_positions():
     cfg = config("next_patch")
     model = Wrapper(build_model(cfg))
     objective = build_objective(cfg)
-    loss, _ = objective(model, fixed_batch(), torch.Generator().manual_seed(3))
+    loss = objective(model, fixed_batch(), torch.Generator().manual_seed(3))
     loss.backward()
     prefix = objective.sample_prefix(4, torch.Generator().manual_seed(3))
     scored = model.last_output.grad.abs().sum(-1) > 0
@@ -149,3 +147,11 @@ def test_random_choices_follow_the_generator():
     prefixes = [build_objective(cfg).sample_prefix(64, torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
     assert torch.equal(prefixes[0], prefixes[1]) and not torch.equal(prefixes[0], prefixes[2])
     assert set(prefixes[0].tolist()) <= set(range(1, cfg.seq_len))
+
+
+def test_bits_per_dim_divides_nats_per_token_by_ln2_and_the_channels_of_a_pixel():
+    assert bits_per_dim(3 * math.log(2), config("next_pixel")) == pytest.approx(1.0)  # an RGB token: 3 dims
+    assert bits_per_dim(math.log(2), replace(config("masked_pixel"), channels=1)) == pytest.approx(1.0)
+    assert bits_per_dim(2.0, replace(config("next_pixel"), channels=1)) == pytest.approx(2.0 / math.log(2))
+    assert bits_per_dim(1.0, config("next_patch")) is None  # a regression loss is no likelihood
+

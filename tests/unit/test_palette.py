@@ -10,7 +10,7 @@ import torch
 import gpt_vision.data.palette as palette_module
 from gpt_vision.data import DataConfig, Palette, TokenizerConfig, fit_palette, load_or_fit_palette
 from gpt_vision.errors import UserError
-from shardgen import write_dataset
+from tests.helpers.shardgen import write_dataset
 
 COLORS = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [17, 99, 200],
                    [128, 128, 128], [255, 255, 255]], dtype=np.uint8)

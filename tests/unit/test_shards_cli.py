@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data_shards import write_shards
-from tests.fixtures_images import random_images, write_idx_dir
+from tests.helpers.fixtures_images import random_images, write_idx_dir
 
 REPO = Path(__file__).resolve().parents[2]
 

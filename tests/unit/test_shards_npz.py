@@ -6,7 +6,7 @@ import pytest
 
 from data_shards import read_manifest
 from data_shards.cli import main
-from tests.fixtures_images import random_images, read_split
+from tests.helpers.fixtures_images import random_images, read_split
 
 
 def make(*args: str) -> None:

@@ -11,7 +11,7 @@ from data_shards import read_manifest
 from data_shards.cli import _make, build_parser, main
 from data_shards.sources import read_idx
 from gpt_vision.errors import UserError
-from tests.fixtures_images import (
+from tests.helpers.fixtures_images import (
     random_images,
     read_split,
     write_cifar10_dir,

@@ -13,7 +13,7 @@ from data_shards import read_manifest, verify_dir, write_dataset, write_shards
 from data_shards.cli import main
 from data_shards.splits import ArraySplit
 from gpt_vision.errors import UserError
-from tests.fixtures_images import random_images, read_split, write_image_folder
+from tests.helpers.fixtures_images import random_images, read_split, write_image_folder
 
 REPO = Path(__file__).resolve().parents[2]
 

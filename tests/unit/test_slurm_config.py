@@ -3,7 +3,7 @@ import pytest
 
 from gpt_vision.errors import ConfigError, UserError
 from gpt_vision.slurm import SlurmConfig, TrainingJob, executor_parameters, expand_sweep, make_executor, plan_submissions
-from toydata import tiny_overrides, write_toy_shards
+from tests.helpers.toydata import tiny_overrides, write_toy_shards
 
 
 def test_section_maps_to_autoexecutor_parameters():

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from toydata import tiny_overrides
+from tests.helpers.toydata import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable

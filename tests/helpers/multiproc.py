@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gpt_vision.distributed import DistEnv
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -98,3 +100,9 @@ def _worker(fn, rank, world_size, port, timeout, args, results) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def rank_env(rank: int, world_size: int) -> DistEnv:
+    """The DistEnv a launcher would give `rank` inside `run_ranks` (its MASTER_PORT included)."""
+    return DistEnv(rank=rank, world_size=world_size, local_rank=rank, local_world_size=world_size,
+                   master_addr="127.0.0.1", master_port=int(os.environ["MASTER_PORT"]), launcher="torchrun")
