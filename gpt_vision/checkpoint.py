@@ -1,4 +1,4 @@
-"""Checkpoint directories: step folders with a commit marker, an atomic `latest`, pruning, export.
+"""Checkpoint directories: step folders with a commit marker, an atomic `latest`, pruning, resume state.
 
 A step folder is trusted only once `COMMITTED` exists; it is written last, by rank 0, after
 every rank has finished its shards. Anything without it (a crash, a kill, a full disk) is
