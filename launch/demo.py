@@ -54,9 +54,10 @@ class Scale:
 FULL = Scale(
     name="full", train_images=20000, test_images=2000, image_size=14,
     pretrain=[], stop_after_step=200,
-    probe=["train.steps=600"],
-    finetune=["train.steps=500", "train.batch_size=32", "schedule.warmup_steps=50"],
-    distill=["train.steps=500", "train.batch_size=32", "schedule.warmup_steps=50"],
+    probe=["task.pooling=grid", "task.grid_size=4", "task.probe_l2=[1.0e-4,1.0e-3,1.0e-2]", "task.probe_max_iter=150"],
+    finetune=["train.steps=400", "train.batch_size=32", "schedule.warmup_steps=40", "task.pooling=grid",
+              "task.grid_size=2"],
+    distill=["train.steps=400", "train.batch_size=32", "schedule.warmup_steps=40"],
     sample=["--completions", "8", "--per-image", "4", "--samples", "16"],
 )
 SMALL = Scale(
