@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 
 from gpt_vision.errors import ConfigError, UserError
 from gpt_vision.layout import (
@@ -157,7 +156,7 @@ class CheckpointManager:
         """A full disk or an I/O error while saving becomes one line; the step stays uncommitted."""
         try:
             yield
-        except (Exception, CheckpointException) as error:  # DCP's is a BaseException
+        except Exception as error:
             cause = _storage_cause(error) or _full_disk(step_dir)
             if cause is None:
                 raise
@@ -208,15 +207,11 @@ class CheckpointManager:
         return meta, (read_rank_state(fallback) | {"foreign_world_size": True}) if fallback.is_file() else None
 
 
-def _storage_cause(error: BaseException) -> str | None:
-    """The storage's reason when `error` is a failed write (full disk, I/O error), else None:
-    an OSError (our writers name the file), or DCP's CheckpointException carrying each failed
-    rank's own exception."""
+def _storage_cause(error: Exception) -> str | None:
+    """The storage's reason when `error` is a failed write (full disk, I/O error), else None: an
+    OSError (our writers name the file; strategies raise their backend's storage failures as one)."""
     if isinstance(error, OSError):
         return f"{error.strerror or error} ({error.filename})" if error.filename else (error.strerror or str(error))
-    if isinstance(error, CheckpointException):
-        causes = (_storage_cause(exc) for exc, _ in error.failures.values())
-        return next((cause for cause in causes if cause), None)
     return None
 
 

@@ -16,6 +16,7 @@ from typing import ContextManager, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -91,7 +92,10 @@ class FSDPStrategy(Strategy):
 
     def save(self, directory: Path) -> None:
         model_state, optim_state = get_state_dict(self._model, self.optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+        try:
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+        except CheckpointException as error:  # a BaseException carrying each failed rank's exception
+            raise _plain_error(error) from None
 
     def load(self, directory: Path) -> None:
         model_state, optim_state = get_state_dict(self._model, self.optimizer)
@@ -111,3 +115,10 @@ class FSDPStrategy(Strategy):
             common.clean_key(k): (v.to(torch.float32) if v.is_floating_point() else v).clone()
             for k, v in state.items()
         }
+
+
+def _plain_error(error: CheckpointException) -> Exception:
+    """DCP's failure as the checkpoint manager understands it without knowing DCP: the first
+    failed rank's OSError (a full disk, an I/O error), else a RuntimeError with DCP's message."""
+    failures = [exc for exc, _ in error.failures.values()]
+    return next((exc for exc in failures if isinstance(exc, OSError)), RuntimeError(str(error)))
