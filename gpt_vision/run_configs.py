@@ -101,6 +101,10 @@ class TaskConfig:
     # finetune: the LR of block i is lr * layer_decay ** (depth - i); 1.0 = no decay.
     layer_decay: float = 1.0
     head_dropout: float = 0.0
+    # finetune: "probe" first fits the head as a converged linear probe on the frozen features
+    # (LP-FT), so the first updates do not push a random head's gradients into the backbone;
+    # "random" starts from a random head (benchmarks/RESULTS.md, Quality).
+    head_init: Literal["probe", "random"] = "random"
 
     def check(self) -> None:
         if isinstance(self.layers, str) and self.layers != "auto":

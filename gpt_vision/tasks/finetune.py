@@ -26,7 +26,8 @@ from gpt_vision.run_configs import FinetuneConfig
 from gpt_vision.tasks.backbone import Backbone, count_parameters, resolve_layers
 from gpt_vision.tasks.baselines import pixel_baseline
 from gpt_vision.tasks.features import Pooling
-from gpt_vision.tasks.harness import FinetuneHarness, accuracy, autocast
+from gpt_vision.tasks.harness import FinetuneHarness, accuracy, autocast, to_device
+from gpt_vision.tasks.linear import LinearProbe, carve, train_linear
 
 
 class Classifier(nn.Module):
@@ -105,9 +106,47 @@ def layer_decay_groups(classifier: Classifier, cfg: FinetuneConfig) -> list[dict
     return [groups[key] for key in sorted(groups)]
 
 
+@torch.no_grad()
+def head_inputs(harness: FinetuneHarness, classifier: Classifier) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the head's Linear reads (normalized pooled features) for every training sample, unaugmented."""
+    classifier.eval()
+    rows, labels = [], []
+    for batch in harness.eval_loader(harness.cfg.data.train_split):
+        batch = to_device(batch, harness.device)
+        with autocast(harness.device):
+            inputs = feature_inputs(classifier.backbone.config, batch)
+            hidden = classifier.backbone.features(inputs, classifier.layers, pool="none", attention=classifier.attention)
+            rows.append(classifier.norm(classifier.pooling(hidden)[:, 0]).float())
+        labels.append(batch["label"])
+    return torch.cat(rows), torch.cat(labels)
+
+
+def fit_head_as_probe(harness: FinetuneHarness, classifier: Classifier, tag: str) -> float:
+    """LP-FT: solve the head as the linear probe (L-BFGS, L2 chosen on the validation carve) on the
+    frozen features, folding the probe's standardization into the Linear. Returns its validation accuracy."""
+    x, y = head_inputs(harness, classifier)
+    fit_idx, val_idx = carve(len(x), harness.cfg.task.val_fraction, harness.cfg.seed)
+    fitted = train_linear(harness, x[:, None, :], y, fit_idx, val_idx, f"{tag}_head").probe
+    fold_probe_into_head(fitted, classifier.head)
+    predictions = classifier.head(x[torch.from_numpy(val_idx)]) if len(val_idx) else None
+    return accuracy(predictions, y[torch.from_numpy(val_idx)]) if predictions is not None else float("nan")
+
+
+@torch.no_grad()
+def fold_probe_into_head(probe: LinearProbe, head: nn.Linear) -> None:
+    """head(x) == probe(x) for a single-candidate probe: its standardization moves into the Linear."""
+    scale = (probe.norm.running_var + probe.norm.eps).rsqrt()
+    weight = probe.weight[0] * scale[:, None]  # [dim, classes]
+    head.weight.copy_(weight.T)
+    head.bias.copy_(probe.bias[0] - probe.norm.running_mean @ weight)
+
+
 def train_classifier(harness: FinetuneHarness, classifier: Classifier, generative_weight: float, tag: str) -> list[float]:
-    """Class cross-entropy (+ generative_weight * the backbone's pretraining objective) for train.steps."""
+    """Class cross-entropy (+ generative_weight * the backbone's pretraining objective) for train.steps,
+    from a head fitted as a probe first when task.head_init=probe."""
     cfg, device = harness.cfg, harness.device
+    if cfg.task.head_init == "probe":
+        harness.logger.scalars(0, {"head_probe_val_accuracy": fit_head_as_probe(harness, classifier, tag)}, prefix=tag)
     objective = build_objective(classifier.backbone.config) if generative_weight else None
 
     def loss_fn(batch, step):

@@ -13,7 +13,8 @@ from gpt_vision.errors import UserError
 from gpt_vision.model.student import Student, resolve_student
 from gpt_vision.run_configs import FinetuneConfig
 from gpt_vision.tasks.backbone import state_checksum
-from gpt_vision.tasks.finetune import layer_decay_groups, load_finetuned
+from gpt_vision.tasks.finetune import fold_probe_into_head, layer_decay_groups, load_finetuned
+from gpt_vision.tasks.linear import LinearProbe
 from gpt_vision.tasks.finetune_cli import run
 from gpt_vision.tasks.scores import classification_metrics
 
@@ -181,3 +182,38 @@ def test_a_probe_output_is_not_a_teacher(tmp_path):
     (tmp_path / "classifier.yaml").write_text("kind: linear_probe\n")
     with pytest.raises(UserError, match="finetune output"):
         load_finetuned(tmp_path)
+
+
+@pytest.mark.parametrize("head_init", ["probe", "random"])
+def test_probe_head_init_starts_the_fine_tune_at_the_probe(setup, tmp_path, head_init):
+    """LP-FT: with the LR at ~0 for one step, a head fitted as the probe (its standardization folded
+    into the Linear) already classifies the separable test split; a random head is near chance."""
+    manifest, teacher_dir, _ = setup
+    init = load_finetuned(teacher_dir)[2]["init"].split(" ", 1)[1]
+    out = tmp_path / head_init
+    results = run(load_config(FinetuneConfig, None, finetune_overrides(
+        manifest, out, f"init={init}", "task.kind=finetune", f"task.head_init={head_init}", "task.pooling=grid",
+        "task.grid_size=2", "task.layers=[1]", "task.baselines=[]", "task.head_dropout=0",
+        "train.steps=1", "optim.lr=1e-12", "schedule.warmup_steps=0")))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    probe_rows = [r for r in rows if "head_probe_val_accuracy" in r]
+    if head_init == "probe":
+        assert len(probe_rows) == 1 and probe_rows[0]["head_probe_val_accuracy"] >= 0.9
+        assert results["top1"] >= 0.9
+    else:
+        assert probe_rows == [] and results["top1"] <= 0.6
+
+
+def test_folded_head_gives_the_probe_logits():
+    torch.manual_seed(0)
+    probe = LinearProbe(1, 12, 5).eval()
+    with torch.no_grad():
+        probe.norm.running_mean.copy_(torch.randn(12) * 3)
+        probe.norm.running_var.copy_(torch.rand(12) * 4 + 0.1)
+        probe.weight.normal_()
+        probe.bias.normal_()
+    head = torch.nn.Linear(12, 5)
+    fold_probe_into_head(probe, head)
+    x = torch.randn(64, 12) * 2 + 1
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), probe(x[:, None, :])[:, 0], rtol=1e-5, atol=1e-5)
