@@ -11,6 +11,10 @@ import torch
 from gpt_vision.tasks.harness import FinetuneHarness
 from gpt_vision.tasks.linear import carve, probe_logits, train_linear
 
+# The pixel baseline's L2 sweep always covers these (and every task.probe_l2 value), so narrowing the
+# model probe's sweep to save time never weakens the baseline it is compared with.
+PIXEL_L2 = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
 
 def keys_digest(keys) -> str:
     """A short digest of sample keys in order: equal digests = the same samples."""
@@ -35,7 +39,8 @@ def pixel_baseline(harness: FinetuneHarness, test_keys: list[str], train_keys: l
     if train_keys is not None and keys != list(train_keys):
         raise RuntimeError("the pixel baseline read the training split in a different order than the model")
     fit_idx, val_idx = carve(len(keys), cfg.task.val_fraction, cfg.seed)
-    fitted = train_linear(harness, x, labels, fit_idx, val_idx, tag="baseline_pixels")
+    l2_values = sorted(set(PIXEL_L2) | set(cfg.task.probe_l2))
+    fitted = train_linear(harness, x, labels, fit_idx, val_idx, tag="baseline_pixels", l2_values=l2_values)
     test_keys_read, test_labels, test_x = read_pixels(harness, cfg.data.test_split)
     if test_keys_read != list(test_keys):
         raise RuntimeError("the pixel baseline read different test samples than the model")

@@ -74,19 +74,21 @@ def probe_logits(probe: nn.Module, features: torch.Tensor, batch_size: int) -> t
 
 
 def train_linear(harness: FinetuneHarness, x: torch.Tensor, y: torch.Tensor, fit_idx: np.ndarray,
-                 val_idx: np.ndarray, tag: str) -> LinearFit:
-    """Train one head per candidate of x [N, P, dim] on `fit_idx`, scored on `val_idx`."""
+                 val_idx: np.ndarray, tag: str, l2_values: list[float] | None = None) -> LinearFit:
+    """Train one head per candidate of x [N, P, dim] on `fit_idx`, scored on `val_idx`; the L-BFGS
+    solver sweeps `l2_values` (default: task.probe_l2)."""
     task = harness.cfg.task
-    choices = x.shape[1] * (len(task.probe_l2) if task.probe_solver == "lbfgs" else 1)
+    l2_values = list(l2_values or task.probe_l2)
+    choices = x.shape[1] * (len(l2_values) if task.probe_solver == "lbfgs" else 1)
     if choices > 1 and not len(val_idx):
         raise UserError(f"task.val_fraction={task.val_fraction} leaves no validation samples to choose among "
-                        f"{x.shape[1]} layer(s) and task.probe_l2={task.probe_l2}")
+                        f"{x.shape[1]} layer(s) and L2 values {l2_values}")
     fit_idx, val_idx = (torch.from_numpy(i).to(x.device) for i in (fit_idx, val_idx))
     x_fit, y_fit, x_val, y_val = x[fit_idx].float(), y[fit_idx], x[val_idx], y[val_idx]
     harness.seed()
     probe = LinearProbe(x.shape[1], x.shape[2], len(harness.classes)).to(x.device)
     if task.probe_solver == "lbfgs":
-        l2 = lbfgs_sweep(probe, x_fit, y_fit, x_val, y_val, task.probe_l2, task.probe_max_iter)
+        l2 = lbfgs_sweep(probe, x_fit, y_fit, x_val, y_val, l2_values, task.probe_max_iter)
     else:
         adamw_steps(harness, probe, x_fit, y_fit, tag)
         l2 = [None] * x.shape[1]

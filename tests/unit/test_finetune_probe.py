@@ -90,3 +90,16 @@ def test_attentive_probe(setup, tmp_path):
     assert results["top1"] >= 0.8
     assert results["chosen_layer"] == 1
     assert results["backbone_checksum"] == before
+
+
+def test_a_narrow_probe_sweep_keeps_the_pixel_baseline_sweep_wide(setup, tmp_path):
+    """task.probe_l2 narrowed to one huge value: the model's probe must take it, the pixel baseline
+    still chooses among PIXEL_L2 (a weak L2 wins on separable brightness buckets)."""
+    from gpt_vision.tasks.baselines import PIXEL_L2
+
+    manifest, init = setup
+    results = probe(manifest, init, tmp_path / "out", "task.layers=[0]", "task.probe_l2=[1000.0]",
+                    "task.baselines=[pixels]")
+    pixels = results["baselines"]["pixels"]
+    assert results["l2"] == {"0": 1000.0}
+    assert pixels["l2"] in PIXEL_L2 and pixels["top1"] == 1.0
