@@ -22,7 +22,7 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.66",
     ],
-    extras_require={"dev": ["pytest>=8.0", "pytest-timeout>=2.3", "transformers>=4.45"]},
+    extras_require={"dev": ["pytest>=8.0", "pytest-timeout>=2.3", "transformers>=4.45", "scikit-learn>=1.3"]},
     entry_points={
         "console_scripts": [
             "data-shards=data_shards.cli:main",

@@ -7,8 +7,8 @@ tried (objective, tokens per image, model shape, steps, lr, pooling) and what it
 fine-tune top-1 beside their baselines, images seen, minutes). Rows are appended to
 `<out>/rows.jsonl` as they finish, so an interrupted search continues where it stopped.
 
-    python benchmarks/quality.py --dataset fmnist-demo --recipes demo patch2 masked   # a few rows
-    python benchmarks/quality.py --dataset digits --recipes demo                      # second dataset
+    python benchmarks/quality.py --dataset fmnist-demo --recipes demo init --finetune   # a few rows
+    python benchmarks/quality.py --dataset digits --recipes demo --finetune             # second dataset
     python benchmarks/quality.py --list                                               # every recipe
 
 Datasets: `fmnist-demo` is `make demo`'s split (first 20,000 train / 2,000 test Fashion-MNIST
@@ -41,20 +41,28 @@ class Recipe:
     note: str = ""
 
 
+def _demo_recipe() -> Recipe:
+    """`make demo`'s own overrides (launch/demo.py FULL), so the table measures exactly the demo's recipe."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    from demo import FULL
+
+    return Recipe("demo", tuple(FULL.pretrain), tuple(FULL.probe), tuple(FULL.finetune),
+                  note="make demo: next_patch 2x2, 1500 steps; probe block 0's 7x7 grid; LP-FT of block 0")
+
+
+NEXT_PIXEL = ("model.objective=next_pixel",)
+GRID4 = ("task.pooling=grid", "task.grid_size=4")
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
-    Recipe("demo-mean", ("train.steps=1000",), ("task.pooling=mean",),
-           note="the previous demo recipe: next pixel, igpt-tiny, mean pooling"),
-    Recipe("demo-grid", ("train.steps=1000",), ("task.pooling=grid", "task.grid_size=4")),
-    Recipe("short-grid", ("train.steps=300",), ("task.pooling=grid", "task.grid_size=4")),
-    Recipe("init-grid", ("train.steps=0",), ("task.pooling=grid", "task.grid_size=4"),
-           note="control: the same backbone at its random initialisation"),
-    Recipe("masked-grid", ("train.steps=1000", "model.objective=masked_pixel"),
-           ("task.pooling=grid", "task.grid_size=4")),
-    Recipe("patch2-grid", ("train.steps=1000", "model.objective=next_patch", "model.patch_size=2"),
-           ("task.pooling=grid", "task.grid_size=4")),
-    Recipe("mini-grid", ("train.steps=1000", "model.preset=igpt-mini"), ("task.pooling=grid", "task.grid_size=4")),
-    Recipe("lr1e-3-grid", ("train.steps=1000", "optim.lr=1e-3"), ("task.pooling=grid", "task.grid_size=4")),
-    Recipe("lr4e-3-grid", ("train.steps=1000", "optim.lr=4e-3"), ("task.pooling=grid", "task.grid_size=4")),
+    _demo_recipe(),
+    Recipe("init", ("train.steps=1", "optim.lr=1.0e-12", "schedule.warmup_steps=1"), _demo_recipe().probe,
+           _demo_recipe().finetune,
+           note="control: the demo's backbone at its random initialisation (one step at lr 1e-12)"),
+    Recipe("patch2-grid4", ("train.steps=1500",), GRID4, note="next_patch 2x2, every layer's 4x4 grid"),
+    Recipe("pixel-mean", ("train.steps=1000", *NEXT_PIXEL), ("task.pooling=mean",),
+           note="the first demo's recipe: next pixel, igpt-tiny, mean pooling"),
+    Recipe("pixel-grid4", ("train.steps=1000", *NEXT_PIXEL), GRID4),
+    Recipe("masked-grid4", ("train.steps=1000", "model.objective=masked_pixel"), GRID4),
+    Recipe("patch2-mini-grid4", ("train.steps=1500", "model.preset=igpt-mini"), GRID4),
 ]}
 
 
@@ -170,22 +178,23 @@ def _read_yaml(path: Path) -> dict:
 def table(rows: list[dict]) -> list[str]:
     """Markdown rows, model beside its pixel baseline."""
     lines = ["| dataset | recipe | objective | tokens | layers×width | steps | lr | pooling | probe | pixels | "
-             "fine-tune | scratch | images seen | pretrain min | probe min | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "fine-tune | scratch | images seen | pretrain min | probe min | fine-tune min | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pct = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
         lines.append(
             f"| {r['dataset']} | {r['recipe']} | {r['objective']} | {r['tokens_per_image']} | {r['layers']}×{r['width']} | "
             f"{r['steps']} | {r['lr']:g} | {r['pooling']} | {pct(r['probe_top1'])} | {pct(r['pixels_top1'])} | "
             f"{pct(r.get('finetune_top1'))} | {pct(r.get('scratch_top1'))} | {r['images_seen']:,} | "
-            f"{r['minutes']['pretrain']:.1f} | {r['minutes']['probe']:.1f} | {r['load_average']} |")
+            f"{r['minutes']['pretrain']:.1f} | {r['minutes']['probe']:.1f} | "
+            f"{r['minutes'].get('finetune', 0):.1f} | {r['load_average']} |")
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="fmnist-demo", choices=["fmnist-demo", "fmnist-full", "digits"])
-    parser.add_argument("--recipes", nargs="+", default=["demo-mean", "demo-grid"])
+    parser.add_argument("--recipes", nargs="+", default=["demo", "init"])
     parser.add_argument("--finetune", action="store_true", help="also fine-tune (with its from-scratch baseline)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "quality")
     parser.add_argument("--data-root", type=Path, default=ROOT / "bench_out" / "quality_data")

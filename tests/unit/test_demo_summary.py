@@ -1,0 +1,36 @@
+"""The demo's printed summary: every result beside its baseline, for both kinds of pretraining."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
+from demo import FULL, SMALL, format_summary  # noqa: E402
+
+
+def summary(objective: str, val_bits_per_dim, val_loss: float) -> dict:
+    return {
+        "machine": "test machine",
+        "pretrain": {"objective": objective, "steps": 1500, "parameters": 799748, "val_loss": val_loss,
+                     "val_bits_per_dim": val_bits_per_dim, "tokens_per_s": 9902.0,
+                     "online_probe": [{"step": 500, "top1": 0.786}], "online_probe_pixels": 0.8},
+        "linear_probe": {"top1": 0.8645, "layer": 0, "parameters": 62730, "pixels_top1": 0.8405},
+        "finetune": {"top1": 0.855, "parameters": 824334, "scratch_top1": 0.851, "pixels_top1": 0.841},
+        "distill": {"top1": 0.634, "teacher_top1": 0.855, "labels_only_top1": 0.6335, "parameters": 114900},
+        "seconds": {"pretrain": 268, "probe": 243, "finetune": 223, "distill": 139, "total": 938},
+    }
+
+
+@pytest.mark.parametrize("objective, bpd, expected", [("next_patch", None, "0.374 val MSE"),
+                                                      ("next_pixel", 1.253, "1.253 bits/dim")])
+def test_summary_reports_the_fit_each_objective_has(objective, bpd, expected):
+    lines = format_summary(summary(objective, bpd, 0.374))
+    first = lines[1]
+    assert first.startswith(f"{objective}, 1500 steps") and expected in first
+    text = "\n".join(lines)
+    assert "86.5%" in text and "pixels 84.0%" in text and "scratch 85.1%" in text and "labels only 63.3%" in text
+
+
+def test_only_a_next_pixel_recipe_samples():
+    assert FULL.sample is None and not any("next_pixel" in o for o in FULL.pretrain)
+    assert SMALL.sample and "model.objective=next_pixel" in SMALL.pretrain
