@@ -90,7 +90,7 @@ def test_tensorboard_holds_the_promised_scalars_and_images(demo):
 
 def test_summary_is_printed_with_numbers_beside_their_baselines(demo):
     out, log = demo
-    assert re.search(r"pretraining, 48 steps\s+\d+\.\d+ bits/dim\s+[\d,]+\s+\d+s", log)
+    assert re.search(r"next_pixel, 48 steps\s+\d+\.\d+ bits/dim\s+[\d,]+\s+\d+s", log)
     baselines = {"linear probe \\(layer \\d+\\)": "pixels", "fine-tune": "scratch", "distilled student": "labels only"}
     for row, baseline in baselines.items():
         assert re.search(row + r"\s+\d+\.\d%\s+" + baseline + r" \d+\.\d%.*\s+[\d,]+\s+\d+s", log), row
