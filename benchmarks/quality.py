@@ -50,12 +50,12 @@ def _demo_recipe() -> Recipe:
                   note="make demo: next_patch 2x2, 1500 steps; probe block 0's 7x7 grid; LP-FT of block 0")
 
 
+DEMO = _demo_recipe()
 NEXT_PIXEL = ("model.objective=next_pixel",)
 GRID4 = ("task.pooling=grid", "task.grid_size=4")
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
-    _demo_recipe(),
-    Recipe("init", ("train.steps=1", "optim.lr=1.0e-12", "schedule.warmup_steps=1"), _demo_recipe().probe,
-           _demo_recipe().finetune,
+    DEMO,
+    Recipe("init", ("train.steps=1", "optim.lr=1.0e-12", "schedule.warmup_steps=1"), DEMO.probe, DEMO.finetune,
            note="control: the demo's backbone at its random initialisation (one step at lr 1e-12)"),
     Recipe("patch2-grid4", ("train.steps=1500",), GRID4, note="next_patch 2x2, every layer's 4x4 grid"),
     Recipe("pixel-mean", ("train.steps=1000", *NEXT_PIXEL), ("task.pooling=mean",),

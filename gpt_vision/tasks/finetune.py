@@ -26,7 +26,7 @@ from gpt_vision.run_configs import FinetuneConfig
 from gpt_vision.tasks.backbone import Backbone, count_parameters, resolve_layers
 from gpt_vision.tasks.baselines import pixel_baseline
 from gpt_vision.tasks.features import Pooling
-from gpt_vision.tasks.harness import FinetuneHarness, accuracy, autocast, to_device
+from gpt_vision.tasks.harness import FinetuneHarness, accuracy, autocast
 from gpt_vision.tasks.linear import LinearProbe, carve, train_linear
 
 
@@ -48,9 +48,13 @@ class Classifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, batch: dict) -> torch.Tensor:
+        return self.head(self.dropout(self.head_input(batch)))
+
+    def head_input(self, batch: dict) -> torch.Tensor:
+        """The normalized pooled features the head reads (before dropout)."""
         inputs = feature_inputs(self.backbone.config, batch)
         hidden = self.backbone.features(inputs, self.layers, pool="none", attention=self.attention)
-        return self.head(self.dropout(self.norm(self.pooling(hidden)[:, 0])))
+        return self.norm(self.pooling(hidden)[:, 0])
 
     def describe(self) -> dict:
         return {"model": dataclasses.asdict(self.backbone.config), "layers": self.layers,
@@ -106,30 +110,18 @@ def layer_decay_groups(classifier: Classifier, cfg: FinetuneConfig) -> list[dict
     return [groups[key] for key in sorted(groups)]
 
 
-@torch.no_grad()
-def head_inputs(harness: FinetuneHarness, classifier: Classifier) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the head's Linear reads (normalized pooled features) for every training sample, unaugmented."""
-    classifier.eval()
-    rows, labels = [], []
-    for batch in harness.eval_loader(harness.cfg.data.train_split):
-        batch = to_device(batch, harness.device)
-        with autocast(harness.device):
-            inputs = feature_inputs(classifier.backbone.config, batch)
-            hidden = classifier.backbone.features(inputs, classifier.layers, pool="none", attention=classifier.attention)
-            rows.append(classifier.norm(classifier.pooling(hidden)[:, 0]).float())
-        labels.append(batch["label"])
-    return torch.cat(rows), torch.cat(labels)
-
-
 def fit_head_as_probe(harness: FinetuneHarness, classifier: Classifier, tag: str) -> float:
     """LP-FT: solve the head as the linear probe (L-BFGS, L2 chosen on the validation carve) on the
-    frozen features, folding the probe's standardization into the Linear. Returns its validation accuracy."""
-    x, y = head_inputs(harness, classifier)
+    frozen, unaugmented features of the training split, folding the probe's standardization into
+    the Linear. Returns the probe's validation accuracy."""
+    classifier.eval()
+    features = harness.predict(classifier.head_input, harness.cfg.data.train_split)
+    x = torch.from_numpy(features.logits).to(harness.device)
+    y = torch.from_numpy(features.labels).to(harness.device)
     fit_idx, val_idx = carve(len(x), harness.cfg.task.val_fraction, harness.cfg.seed)
-    fitted = train_linear(harness, x[:, None, :], y, fit_idx, val_idx, f"{tag}_head").probe
-    fold_probe_into_head(fitted, classifier.head)
-    predictions = classifier.head(x[torch.from_numpy(val_idx)]) if len(val_idx) else None
-    return accuracy(predictions, y[torch.from_numpy(val_idx)]) if predictions is not None else float("nan")
+    fitted = train_linear(harness, x[:, None, :], y, fit_idx, val_idx, f"{tag}_head")
+    fold_probe_into_head(fitted.probe, classifier.head)
+    return fitted.val_accuracy[0] if fitted.val_accuracy else float("nan")
 
 
 @torch.no_grad()
