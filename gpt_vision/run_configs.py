@@ -177,6 +177,14 @@ class StudentConfig:
     n_head: int = 0
     patch_size: int = 0
     distillation_token: bool = True
+    # What the heads read: "token" (DeiT's class and distillation tokens) or "grid" (the k x k cell
+    # averages of the pixel/patch tokens, like the teacher's grid head; both heads read them).
+    pooling: Literal["token", "grid"] = "token"
+    grid_size: int = 7
+    # "probe" first fits the heads as the converged linear probe on the student's own initial
+    # features (labels only, no teacher), the same for the distilled and the labels-only student;
+    # needs pooling=grid (a random class token carries little).
+    head_init: Literal["probe", "random"] = "random"
     # A student may hold at most this fraction of the teacher's parameters.
     max_param_ratio: float = 0.25
 
@@ -184,6 +192,10 @@ class StudentConfig:
         for name in ("n_layer", "n_embd", "n_head", "patch_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0 (0 = from the preset), got {getattr(self, name)}")
+        if self.grid_size < 1:
+            raise ConfigError("grid_size", f"must be >= 1, got {self.grid_size}")
+        if self.head_init == "probe" and self.pooling != "grid":
+            raise ConfigError("head_init", "probe needs student.pooling=grid (a random class token carries little to fit)")
         require_number("max_param_ratio", self.max_param_ratio, "in (0, 1]", 0.0 < self.max_param_ratio <= 1.0)
 
 

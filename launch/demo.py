@@ -54,8 +54,9 @@ class Scale:
 
 # The recipe the Quality table of benchmarks/RESULTS.md chose: next_patch pretraining (the config),
 # a probe on the first block's unpooled 7x7 token grid, and a fine-tune of that block whose head
-# starts as that converged probe (LP-FT) at a low LR without augmentation. The L2 sweep keeps the
-# two values every measured run chose between.
+# starts as that converged probe (LP-FT) at a low LR without augmentation; the student reads its own
+# 7x7 token grid the same way, its heads fitted as the probe on its initial features first. The L2
+# sweep keeps the two values every measured run chose between.
 FULL = Scale(
     name="full", train_images=20000, test_images=2000, image_size=14,
     pretrain=[], stop_after_step=200,
@@ -66,7 +67,8 @@ FULL = Scale(
               "task.generative_weight=0", "optim.lr=5.0e-5", "data.augment.random_crop_padding=0",
               "data.augment.flip=false", "task.probe_l2=[1.0e-2,1.0e-1]", "task.probe_max_iter=150"],
     distill=["train.steps=400", "train.batch_size=64", "schedule.warmup_steps=40", "student.preset=vit-tiny",
-             "student.patch_size=2"],
+             "student.patch_size=2", "student.n_layer=2", "student.pooling=grid", "student.grid_size=7",
+             "student.head_init=probe", "optim.lr=3.0e-4"],
     sample=None,
 )
 SMALL = Scale(

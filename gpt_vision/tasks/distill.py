@@ -16,7 +16,7 @@ from gpt_vision.model.student import Student, StudentShape, resolve_student
 from gpt_vision.run_configs import FinetuneConfig
 from gpt_vision.tasks.backbone import check_data_fits, count_parameters, freeze, state_checksum
 from gpt_vision.tasks.baselines import pixel_baseline
-from gpt_vision.tasks.finetune import Classifier, load_finetuned
+from gpt_vision.tasks.finetune import Classifier, fit_head_as_probe, load_finetuned
 from gpt_vision.tasks.harness import FinetuneHarness, accuracy, autocast
 
 
@@ -65,6 +65,11 @@ def distillation_loss(cls: torch.Tensor, dist: torch.Tensor | None, labels: torc
 
 
 def train_student(harness: FinetuneHarness, student: Student, teacher: TeacherLogits | None, tag: str) -> list[float]:
+    """From heads fitted as the probe on the student's initial features when student.head_init=probe."""
+    if harness.cfg.student.head_init == "probe":
+        accuracy_before = fit_head_as_probe(harness, student, student.heads(), tag)
+        harness.logger.scalars(0, {"head_probe_val_accuracy": accuracy_before}, prefix=tag)
+
     def loss_fn(batch, step):
         target = teacher(batch) if teacher is not None else None
         with autocast(harness.device):
@@ -79,7 +84,8 @@ def train_student(harness: FinetuneHarness, student: Student, teacher: TeacherLo
 def student_shape(cfg: FinetuneConfig) -> StudentShape:
     s = cfg.student
     try:
-        return resolve_student(s.preset, s.n_layer, s.n_embd, s.n_head, s.patch_size, s.distillation_token)
+        return resolve_student(s.preset, s.n_layer, s.n_embd, s.n_head, s.patch_size, s.distillation_token,
+                               s.pooling, s.grid_size)
     except ConfigError as error:
         raise error.under("student") from None
 
@@ -155,4 +161,5 @@ def labels_only_baseline(harness: FinetuneHarness, shape: StudentShape, teacher:
 
 def student_description(shape: StudentShape) -> dict:
     return {"family": shape.family, "n_layer": shape.n_layer, "n_embd": shape.n_embd, "n_head": shape.n_head,
-            "patch_size": shape.patch_size, "distillation_token": shape.distillation_token}
+            "patch_size": shape.patch_size, "distillation_token": shape.distillation_token,
+            "pooling": shape.pooling, "grid_size": shape.grid_size}

@@ -14,17 +14,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import math
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gpt_vision.data.stream import ShardLoader
-from gpt_vision.errors import UserError
 from gpt_vision.layout import atomic_dir
 from gpt_vision.model import feature_inputs
 from gpt_vision.model.gpt import GPT
+from gpt_vision.model.pooling import grid_pool
 from gpt_vision.tasks.backbone import state_checksum
 from gpt_vision.tasks.harness import autocast, to_device
 
@@ -50,16 +47,6 @@ class Pooling:
             return torch.stack([grid_pool(h, self.grid_size) for h in hidden], dim=1)
         means = [h.mean(dim=1) for h in hidden]
         return torch.cat(means, dim=-1)[:, None] if self.kind == "concat" else torch.stack(means, dim=1)
-
-
-def grid_pool(hidden: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, L, d] over a square token grid (raster order) -> k x k cell averages, concatenated [B, k*k*d]."""
-    batch, length, width = hidden.shape
-    side = math.isqrt(length)
-    if side * side != length or k > side:
-        raise UserError(f"task.grid_size={k} does not fit a {length}-token sequence (needs a square grid of side >= {k})")
-    grid = hidden.transpose(1, 2).reshape(batch, width, side, side)
-    return F.adaptive_avg_pool2d(grid, k).permute(0, 2, 3, 1).reshape(batch, k * k * width)
 
 
 @dataclass

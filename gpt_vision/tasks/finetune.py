@@ -110,17 +110,18 @@ def layer_decay_groups(classifier: Classifier, cfg: FinetuneConfig) -> list[dict
     return [groups[key] for key in sorted(groups)]
 
 
-def fit_head_as_probe(harness: FinetuneHarness, classifier: Classifier, tag: str) -> float:
-    """LP-FT: solve the head as the linear probe (L-BFGS, L2 chosen on the validation carve) on the
-    frozen, unaugmented features of the training split, folding the probe's standardization into
-    the Linear. Returns the probe's validation accuracy."""
-    classifier.eval()
-    features = harness.predict(classifier.head_input, harness.cfg.data.train_split)
+def fit_head_as_probe(harness: FinetuneHarness, model: nn.Module, heads: list[nn.Linear], tag: str) -> float:
+    """LP-FT: solve the heads as the linear probe (L-BFGS, L2 chosen on the validation carve) on the
+    frozen, unaugmented features `model.head_input` gives on the training split, folding the
+    probe's standardization into each Linear. Returns the probe's validation accuracy."""
+    model.eval()
+    features = harness.predict(model.head_input, harness.cfg.data.train_split)
     x = torch.from_numpy(features.logits).to(harness.device)
     y = torch.from_numpy(features.labels).to(harness.device)
     fit_idx, val_idx = carve(len(x), harness.cfg.task.val_fraction, harness.cfg.seed)
     fitted = train_linear(harness, x[:, None, :], y, fit_idx, val_idx, f"{tag}_head")
-    fold_probe_into_head(fitted.probe, classifier.head)
+    for head in heads:
+        fold_probe_into_head(fitted.probe, head)
     return fitted.val_accuracy[0] if fitted.val_accuracy else float("nan")
 
 
@@ -138,7 +139,7 @@ def train_classifier(harness: FinetuneHarness, classifier: Classifier, generativ
     from a head fitted as a probe first when task.head_init=probe."""
     cfg, device = harness.cfg, harness.device
     if cfg.task.head_init == "probe":
-        harness.logger.scalars(0, {"head_probe_val_accuracy": fit_head_as_probe(harness, classifier, tag)}, prefix=tag)
+        harness.logger.scalars(0, {"head_probe_val_accuracy": fit_head_as_probe(harness, classifier, [classifier.head], tag)}, prefix=tag)
     objective = build_objective(classifier.backbone.config) if generative_weight else None
 
     def loss_fn(batch, step):

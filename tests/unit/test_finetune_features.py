@@ -14,7 +14,8 @@ from gpt_vision.data.palette import Palette
 from gpt_vision.errors import ConfigError, UserError
 from gpt_vision.export import load_pretrained
 from gpt_vision.run_configs import FinetuneConfig
-from gpt_vision.tasks.features import Pooling, extract_features, grid_pool
+from gpt_vision.model.pooling import grid_pool
+from gpt_vision.tasks.features import Pooling, extract_features
 from gpt_vision.tasks.finetune_cli import run
 from gpt_vision.tasks.harness import FinetuneHarness
 from gpt_vision.tasks.linear import carve, probe_logits, train_linear

@@ -9,7 +9,7 @@ import torch
 from tests.helpers.finetune_fixtures import one_thread, finetune_overrides, random_init_export, write_brightness_shards  # noqa: F401
 from gpt_vision.config_loader import load_config
 from gpt_vision.data.stream import ShardLoader
-from gpt_vision.errors import UserError
+from gpt_vision.errors import ConfigError, UserError
 from gpt_vision.model.student import Student, resolve_student
 from gpt_vision.run_configs import FinetuneConfig
 from gpt_vision.tasks.backbone import state_checksum
@@ -166,6 +166,59 @@ def test_distillation_token_is_used_at_inference():
         student.dist_head.bias.zero_()
         assert not torch.allclose(student.predict(batch), before)
         torch.testing.assert_close(student.predict(batch), cls / 2)
+
+
+def test_grid_student_heads_read_the_cell_averages_of_its_patch_tokens():
+    from gpt_vision.model import ModelConfig
+
+    data = ModelConfig(n_layer=1, n_embd=16, n_head=2, vocab_size=8, image_size=8).resolved()
+    torch.manual_seed(0)
+    shape = resolve_student("vit-tiny", n_layer=1, n_embd=16, patch_size=2, pooling="grid", grid_size=2)
+    student = Student(shape, data, 3).eval()
+    assert student.tokens is None and student.pos.shape == (16, 16)  # 4x4 patches, no class/distillation tokens
+    assert student.head.in_features == student.dist_head.in_features == 2 * 2 * 16
+    assert student.heads() == [student.head, student.dist_head]
+    batch = {"pixels": torch.randint(0, 256, (4, 8, 8, 1), dtype=torch.uint8)}
+    with torch.no_grad():
+        pooled = student.head_input(batch)
+        cls, dist = student(batch)
+        torch.testing.assert_close(cls, student.head(pooled))
+        torch.testing.assert_close(dist, student.dist_head(pooled))
+        torch.testing.assert_close(student.predict(batch), (cls + dist) / 2)
+    with pytest.raises(ConfigError, match="grid_size"):
+        Student(resolve_student("vit-tiny", n_embd=16, patch_size=2, pooling="grid", grid_size=5), data, 3)
+    token_student = Student(resolve_student("vit-tiny", n_embd=16, patch_size=2), data, 3)
+    assert token_student.heads() == [token_student.head]
+
+
+def test_a_probe_head_needs_a_grid_student(setup, tmp_path):
+    manifest, teacher_dir, _ = setup
+    with pytest.raises(ConfigError, match="head_init"):
+        load_config(FinetuneConfig, None, finetune_overrides(
+            manifest, tmp_path / "out", "task.kind=distill", f"distill.teacher={teacher_dir}",
+            "student.head_init=probe"))
+
+
+def test_probe_head_init_starts_both_students_at_their_own_probe(setup, tmp_path):
+    """With the LR at ~0 for one step, a grid student whose heads were fitted as the probe on its own
+    random features classifies the separable test split, distilled and labels-only alike, and beats
+    the same student with random heads."""
+    manifest, teacher_dir, _ = setup
+    results, probe_rows = {}, {}
+    for head_init in ("probe", "random"):
+        out = tmp_path / head_init
+        results[head_init] = run(load_config(FinetuneConfig, None, finetune_overrides(
+            manifest, out, "task.kind=distill", f"distill.teacher={teacher_dir}", "student.preset=vit-tiny",
+            "student.n_layer=1", "student.n_embd=16", "student.patch_size=2", "student.pooling=grid",
+            "student.grid_size=2", f"student.head_init={head_init}", "train.steps=1", "optim.lr=1e-12",
+            "schedule.warmup_steps=0")))
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        probe_rows[head_init] = [r for r in rows if "head_probe_val_accuracy" in r]
+    assert len(probe_rows["probe"]) == 2 and all(r["head_probe_val_accuracy"] >= 0.9 for r in probe_rows["probe"])
+    assert probe_rows["random"] == []
+    probe, random = results["probe"], results["random"]
+    assert probe["top1"] >= 0.9 and probe["baselines"]["labels_only"]["top1"] >= 0.9
+    assert probe["top1"] > random["top1"] and probe["baselines"]["labels_only"]["top1"] > random["baselines"]["labels_only"]["top1"]
 
 
 def test_student_larger_than_a_quarter_of_the_teacher_is_refused(setup, tmp_path):
