@@ -34,3 +34,21 @@ def test_summary_reports_the_fit_each_objective_has(objective, bpd, expected):
 def test_only_a_next_pixel_recipe_samples():
     assert FULL.sample is None and not any("next_pixel" in o for o in FULL.pretrain)
     assert SMALL.sample and "model.objective=next_pixel" in SMALL.pretrain
+
+
+@pytest.mark.parametrize("scale", [FULL, SMALL], ids=["full", "small"])
+@pytest.mark.parametrize("step, yaml, extra", [
+    ("probe", "linear_probe.yaml", ["init=demo_out/run"]),
+    ("finetune", "finetune.yaml", ["init=demo_out/run"]),
+    ("distill", "distill.yaml", ["distill.teacher=demo_out/finetune"]),
+])
+def test_each_demo_step_is_a_valid_config(scale, step, yaml, extra):
+    """A mistyped key or value in the demo's overrides fails here, not 15 minutes into `make demo`."""
+    from gpt_vision.config_loader import load_config
+    from gpt_vision.run_configs import FinetuneConfig
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(FinetuneConfig, root / "configs" / "finetune" / yaml,
+                      [*extra, "output_dir=demo_out/x", *getattr(scale, step)])
+    cfg.check()
+    assert cfg.task.kind == {"probe": "linear_probe"}.get(step, step)
