@@ -68,7 +68,7 @@ FULL = Scale(
               "data.augment.flip=false", "task.probe_l2=[1.0e-2,1.0e-1]", "task.probe_max_iter=150"],
     distill=["train.steps=400", "train.batch_size=64", "schedule.warmup_steps=40", "student.preset=vit-tiny",
              "student.patch_size=2", "student.n_layer=2", "student.pooling=grid", "student.grid_size=7",
-             "student.head_init=probe", "optim.lr=3.0e-4"],
+             "student.head_init=probe", "optim.lr=3.0e-4", "task.probe_l2=[1.0e-3,1.0e-2]", "task.probe_max_iter=150"],
     sample=None,
 )
 SMALL = Scale(
