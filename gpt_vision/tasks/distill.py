@@ -85,21 +85,13 @@ def student_shape(cfg: FinetuneConfig) -> StudentShape:
         raise error.under("student") from None
 
 
-def initial_student(harness: FinetuneHarness, shape: StudentShape, teacher: Classifier) -> dict[str, torch.Tensor]:
-    """The state both students start from: seeded, with its heads fitted as the probe on its own
-    features when student.head_init=probe (fitted once: the two arms start identical)."""
-    student = new_student(harness.cfg, shape, teacher, len(harness.classes)).to(harness.device)
+def start_heads(harness: FinetuneHarness, student: Student) -> dict[str, torch.Tensor]:
+    """Fit the heads as the probe on the student's own features when student.head_init=probe (once:
+    the labels-only student starts from the same state), and return that starting state."""
     if harness.cfg.student.head_init == "probe":
         accuracy_before = fit_head_as_probe(harness, student, student.heads(), "student")
         harness.logger.scalars(0, {"head_probe_val_accuracy": accuracy_before}, prefix="student")
     return {key: value.detach().clone() for key, value in student.state_dict().items()}
-
-
-def started_student(harness: FinetuneHarness, shape: StudentShape, teacher: Classifier,
-                    start: dict[str, torch.Tensor]) -> Student:
-    student = new_student(harness.cfg, shape, teacher, len(harness.classes)).to(harness.device)
-    student.load_state_dict(start)
-    return student
 
 
 def new_student(cfg: FinetuneConfig, shape: StudentShape, teacher: Classifier, num_classes: int) -> Student:
@@ -131,21 +123,20 @@ def run_distill(cfg: FinetuneConfig) -> dict:
     """The distilled student beside its teacher, the same student from labels only, and pixels."""
     teacher, palette, manifest = load_teacher(cfg)
     shape = student_shape(cfg)
-    new_student(cfg, shape, teacher, len(manifest.classes))  # refuses a too large student before any work
+    student = new_student(cfg, shape, teacher, len(manifest.classes))
     trainings = 2 if cfg.distill.labels_only_baseline else 1
     with FinetuneHarness(cfg, palette, manifest, trainings) as harness:
         teacher_checksum = state_checksum(teacher.to(harness.device))
         augment = cfg.data.augment
         logits = TeacherLogits(teacher, harness.device, cfg.distill.cache_teacher_logits
                                and not (augment.random_crop_padding or augment.flip))
-        start = initial_student(harness, shape, teacher)
-        student = started_student(harness, shape, teacher, start)
+        start = start_heads(harness, student.to(harness.device))
         losses = train_student(harness, student, logits, "distilled")
         predictions = harness.predict(student.predict)
         baselines, extra = {}, {"teacher_logits": harness.predict(teacher).logits,
                                 "class_head_logits": harness.predict(lambda b: student(b)[0]).logits}
         if cfg.distill.labels_only_baseline:
-            baselines["labels_only"] = labels_only_baseline(harness, started_student(harness, shape, teacher, start))
+            baselines["labels_only"] = labels_only_baseline(harness, shape, teacher, start)
         if "pixels" in cfg.task.baselines:
             baselines["pixels"] = pixel_baseline(harness, predictions.keys)
         if state_checksum(teacher) != teacher_checksum:
@@ -164,8 +155,11 @@ def run_distill(cfg: FinetuneConfig) -> dict:
         })
 
 
-def labels_only_baseline(harness: FinetuneHarness, student: Student) -> dict:
+def labels_only_baseline(harness: FinetuneHarness, shape: StudentShape, teacher: Classifier,
+                         start: dict[str, torch.Tensor]) -> dict:
     """The same student, from the same start, trained from labels only, scored on the test split."""
+    student = new_student(harness.cfg, shape, teacher, len(harness.classes)).to(harness.device)
+    student.load_state_dict(start)
     losses = train_student(harness, student, None, "labels_only")
     predictions = harness.predict(student.predict)
     harness.baseline_logits["labels_only"] = predictions.logits

@@ -139,7 +139,8 @@ def train_classifier(harness: FinetuneHarness, classifier: Classifier, generativ
     from a head fitted as a probe first when task.head_init=probe."""
     cfg, device = harness.cfg, harness.device
     if cfg.task.head_init == "probe":
-        harness.logger.scalars(0, {"head_probe_val_accuracy": fit_head_as_probe(harness, classifier, [classifier.head], tag)}, prefix=tag)
+        accuracy_before = fit_head_as_probe(harness, classifier, [classifier.head], tag)
+        harness.logger.scalars(0, {"head_probe_val_accuracy": accuracy_before}, prefix=tag)
     objective = build_objective(classifier.backbone.config) if generative_weight else None
 
     def loss_fn(batch, step):
