@@ -8,12 +8,14 @@ fine-tune top-1 beside their baselines, images seen, minutes). Rows are appended
 `<out>/rows.jsonl` as they finish, so an interrupted search continues where it stopped.
 
     python benchmarks/quality.py --dataset fmnist-demo --recipes demo init --finetune   # a few rows
-    python benchmarks/quality.py --dataset digits --recipes demo --finetune             # second dataset
+    python benchmarks/quality.py --dataset digits --recipes patch2 --finetune           # second dataset
     python benchmarks/quality.py --list                                               # every recipe
 
 Datasets: `fmnist-demo` is `make demo`'s split (first 20,000 train / 2,000 test Fashion-MNIST
-images at 14x14); `fmnist-full` is all of it at 28x28 (60k/10k); `digits` is scikit-learn's
-8x8 digits upscaled to 16x16, the first 1,437 images for training and the last 360 for test.
+images at 28x28); `fmnist-demo14` is the same split downscaled to 14x14 (the first demo's);
+`fmnist-full` is all of it at 28x28 (60k/10k); `digits` is scikit-learn's 8x8 digits upscaled to
+16x16, the first 1,437 images for training and the last 360 for test (use a 2x2-patch recipe:
+4x4 patches leave a 4x4 token grid, too small for the demo's 7x7 probe grid).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def _demo_recipe() -> Recipe:
     from demo import FULL
 
     return Recipe("demo", tuple(FULL.pretrain), tuple(FULL.probe), tuple(FULL.finetune),
-                  note="make demo: next_patch 2x2, 1500 steps; probe block 0's 7x7 grid; LP-FT of block 0")
+                  note="make demo: next_patch on 4x4 patches, 1500 steps; probe block 0's 7x7 grid; LP-FT of block 0")
 
 
 DEMO = _demo_recipe()
@@ -57,13 +59,22 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     DEMO,
     Recipe("init", ("train.steps=1", "optim.lr=1.0e-12", "schedule.warmup_steps=1"), DEMO.probe, DEMO.finetune,
            note="control: the demo's backbone at its random initialisation (one step at lr 1e-12)"),
-    Recipe("patch2-grid4", ("train.steps=1500",), GRID4, note="next_patch 2x2, every layer's 4x4 grid"),
+    Recipe("patch2-grid4", ("train.steps=1500", "model.patch_size=2"), GRID4, note="next_patch 2x2, every layer's 4x4 grid (fmnist-demo14)"),
     Recipe("pixel-mean", ("train.steps=1000", *NEXT_PIXEL), ("task.pooling=mean",),
-           note="the first demo's recipe: next pixel, igpt-tiny, mean pooling"),
-    Recipe("pixel-grid4", ("train.steps=1000", *NEXT_PIXEL), GRID4),
-    Recipe("masked-grid4", ("train.steps=1000", "model.objective=masked_pixel"), GRID4),
-    Recipe("patch2-mini-grid4", ("train.steps=1500", "model.preset=igpt-mini"), GRID4),
+           note="the first demo's recipe: next pixel, igpt-tiny, mean pooling (fmnist-demo14: 196 tokens)"),
+    Recipe("pixel-grid4", ("train.steps=1000", *NEXT_PIXEL), GRID4, note="(fmnist-demo14)"),
+    Recipe("masked-grid4", ("train.steps=1000", "model.objective=masked_pixel"), GRID4, note="(fmnist-demo14)"),
+    Recipe("full", (*DEMO.pretrain, "train.steps=9000"), DEMO.probe,
+           (*DEMO.finetune, "train.steps=3000", "schedule.warmup_steps=300"),
+           note="the demo's recipe for the full dataset: 9000 steps (4.8 epochs of 60,000), a 3000-step fine-tune"),
+    Recipe("patch2", (*DEMO.pretrain, "model.patch_size=2"), DEMO.probe, DEMO.finetune,
+           note="the demo's recipe on 2x2 patches: 49 positions of a 14x14 image (fmnist-demo14), 64 of digits"),
+    Recipe("patch2-mini-grid4", ("train.steps=1500", "model.patch_size=2", "model.preset=igpt-mini"), GRID4,
+           note="(fmnist-demo14)"),
 ]}
+
+
+DATASET_SIZES = {"fmnist-demo": 28, "fmnist-demo14": 14, "fmnist-full": 28, "digits": 16}
 
 
 @dataclass
@@ -78,12 +89,12 @@ def build_dataset(name: str, data_root: Path) -> Dataset:
     out = data_root / name
     manifest = out / "manifest.json"
     data_root.mkdir(parents=True, exist_ok=True)
-    size = {"fmnist-demo": 14, "fmnist-full": 28, "digits": 16}[name]
+    size = DATASET_SIZES[name]
     if not manifest.is_file():
         if name == "digits":
             source = _digits_npz(data_root / "digits.npz")
             argv = ["--source", "npz", "--input", str(source)]
-        elif name == "fmnist-demo":
+        elif name.startswith("fmnist-demo"):
             sys.path.insert(0, str(ROOT / "launch"))
             from demo import write_idx_subset
 
@@ -182,18 +193,19 @@ def table(rows: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pct = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
+        minutes = lambda row, stage: "—" if stage not in row["minutes"] else f"{row['minutes'][stage]:.1f}"  # noqa: E731
         lines.append(
             f"| {r['dataset']} | {r['recipe']} | {r['objective']} | {r['tokens_per_image']} | {r['layers']}×{r['width']} | "
             f"{r['steps']} | {r['lr']:g} | {r['pooling']} | {pct(r['probe_top1'])} | {pct(r['pixels_top1'])} | "
             f"{pct(r.get('finetune_top1'))} | {pct(r.get('scratch_top1'))} | {r['images_seen']:,} | "
             f"{r['minutes']['pretrain']:.1f} | {r['minutes']['probe']:.1f} | "
-            f"{r['minutes'].get('finetune', 0):.1f} | {r['load_average']} |")
+            f"{minutes(r, 'finetune')} | {r['load_average']} |")
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="fmnist-demo", choices=["fmnist-demo", "fmnist-full", "digits"])
+    parser.add_argument("--dataset", default="fmnist-demo", choices=sorted(DATASET_SIZES))
     parser.add_argument("--recipes", nargs="+", default=["demo", "init"])
     parser.add_argument("--finetune", action="store_true", help="also fine-tune (with its from-scratch baseline)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "quality")

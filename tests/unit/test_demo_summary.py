@@ -28,7 +28,7 @@ def test_summary_reports_the_fit_each_objective_has(objective, bpd, expected):
     first = lines[1]
     assert first.startswith(f"{objective}, 1500 steps") and expected in first
     text = "\n".join(lines)
-    assert "86.5%" in text and "pixels 84.0%" in text and "scratch 85.1%" in text and "labels only 63.3%" in text
+    assert "86.5%" in text and "pixels 84.0%" in text and "scratch 85.1%, probe 86.5%" in text and "labels only 63.3%" in text
 
 
 def test_only_a_next_pixel_recipe_samples():
@@ -52,3 +52,19 @@ def test_each_demo_step_is_a_valid_config(scale, step, yaml, extra):
                       [*extra, "output_dir=demo_out/x", *getattr(scale, step)])
     cfg.check()
     assert cfg.task.kind == {"probe": "linear_probe"}.get(step, step)
+
+
+def test_a_run_from_another_recipe_is_named_not_reused(tmp_path):
+    """An older demo's run (14x14, 2x2 patches) must not be reused or resumed as the current recipe."""
+    import yaml
+
+    from demo import _recipe_changes
+
+    saved = tmp_path / "config.yaml"
+    assert _recipe_changes(saved, FULL) == []  # no run yet
+    model = {"objective": "next_patch", "image_size": FULL.image_size, "patch_size": 4, "n_layer": 4,
+             "n_embd": 128, "n_head": 4}
+    saved.write_text(yaml.safe_dump({"model": model}))
+    assert _recipe_changes(saved, FULL) == []
+    saved.write_text(yaml.safe_dump({"model": {**model, "image_size": 14, "patch_size": 2}}))
+    assert _recipe_changes(saved, FULL) == [f"model.image_size: 14 -> {FULL.image_size}", "model.patch_size: 2 -> 4"]
