@@ -180,7 +180,7 @@ class Demo:
         from gpt_vision import checkpoint as ckpt
 
         self.header(4, f"pretraining with {self.nproc} processes (FSDP on gloo), interrupted once and resumed")
-        steps = _total_steps(self.scale)
+        steps = _pretrain_config(self.scale).train.steps
         changed = _recipe_changes(self.run_dir / "config.yaml", self.scale)
         if changed:
             raise DemoError(f"{_display_path(self.run_dir)} was pretrained with another recipe ({', '.join(changed)}); "
@@ -371,11 +371,12 @@ def _manifest_matches(manifest: Path, scale: Scale) -> bool:
             and sizes == {"train": scale.train_images, "test": scale.test_images})
 
 
-def _total_steps(scale: Scale) -> int:
+def _pretrain_config(scale: Scale):
+    """The PretrainConfig the demo's pretraining command runs with."""
     from gpt_vision.config_loader import load_config
     from gpt_vision.run_configs import PretrainConfig
 
-    return load_config(PretrainConfig, str(ROOT / "configs/pretrain/fmnist_demo.yaml"), scale.pretrain).train.steps
+    return load_config(PretrainConfig, str(ROOT / "configs/pretrain/fmnist_demo.yaml"), scale.pretrain)
 
 
 def _recipe_changes(saved_config: Path, scale: Scale) -> list[str]:
@@ -385,14 +386,10 @@ def _recipe_changes(saved_config: Path, scale: Scale) -> list[str]:
 
     import yaml
 
-    from gpt_vision.config_loader import load_config
-    from gpt_vision.run_configs import PretrainConfig
-
     if not saved_config.is_file():
         return []
     saved = (yaml.safe_load(saved_config.read_text()) or {}).get("model") or {}
-    wanted = dataclasses.asdict(load_config(PretrainConfig, str(ROOT / "configs/pretrain/fmnist_demo.yaml"),
-                                            scale.pretrain).model.resolved())
+    wanted = dataclasses.asdict(_pretrain_config(scale).model.resolved())
     wanted["image_size"] = scale.image_size
     return [f"model.{key}: {saved.get(key)} -> {wanted[key]}"
             for key in ("objective", "image_size", "patch_size", "n_layer", "n_embd", "n_head")
