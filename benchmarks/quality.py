@@ -54,22 +54,26 @@ def _demo_recipe() -> Recipe:
 
 DEMO = _demo_recipe()
 NEXT_PIXEL = ("model.objective=next_pixel",)
+# igpt-tiny's four blocks: the shape every row before Quality 9 was measured with (the demo now has two)
+BLOCKS4 = ("model.n_layer=4",)
 GRID4 = ("task.pooling=grid", "task.grid_size=4")
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     DEMO,
     Recipe("init", ("train.steps=1", "optim.lr=1.0e-12", "schedule.warmup_steps=1"), DEMO.probe, DEMO.finetune,
            note="control: the demo's backbone at its random initialisation (one step at lr 1e-12)"),
-    Recipe("patch2-grid4", ("train.steps=1500", "model.patch_size=2"), GRID4, note="next_patch 2x2, every layer's 4x4 grid (fmnist-demo14)"),
-    Recipe("pixel-mean", ("train.steps=1000", *NEXT_PIXEL), ("task.pooling=mean",),
+    Recipe("patch2-grid4", ("train.steps=1500", "model.patch_size=2", *BLOCKS4), GRID4, note="next_patch 2x2, every layer's 4x4 grid (fmnist-demo14)"),
+    Recipe("pixel-mean", ("train.steps=1000", *NEXT_PIXEL, *BLOCKS4), ("task.pooling=mean",),
            note="the first demo's recipe: next pixel, igpt-tiny, mean pooling (fmnist-demo14: 196 tokens)"),
-    Recipe("pixel-grid4", ("train.steps=1000", *NEXT_PIXEL), GRID4, note="(fmnist-demo14)"),
-    Recipe("masked-grid4", ("train.steps=1000", "model.objective=masked_pixel"), GRID4, note="(fmnist-demo14)"),
-    Recipe("full", (*DEMO.pretrain, "train.steps=9000"), DEMO.probe,
+    Recipe("pixel-grid4", ("train.steps=1000", *NEXT_PIXEL, *BLOCKS4), GRID4, note="(fmnist-demo14)"),
+    Recipe("masked-grid4", ("train.steps=1000", "model.objective=masked_pixel", *BLOCKS4), GRID4, note="(fmnist-demo14)"),
+    Recipe("blocks4", (*DEMO.pretrain, *BLOCKS4), DEMO.probe, DEMO.finetune,
+           note="the demo's recipe with igpt-tiny's four blocks instead of two"),
+    Recipe("full", (*DEMO.pretrain, *BLOCKS4, "train.steps=9000"), DEMO.probe,
            (*DEMO.finetune, "train.steps=3000", "schedule.warmup_steps=300"),
-           note="the demo's recipe for the full dataset: 9000 steps (4.8 epochs of 60,000), a 3000-step fine-tune"),
+           note="for the full dataset (Quality 8): four blocks, 9000 steps (4.8 epochs of 60,000), a 3000-step fine-tune"),
     Recipe("patch2", (*DEMO.pretrain, "model.patch_size=2"), DEMO.probe, DEMO.finetune,
            note="the demo's recipe on 2x2 patches: 49 positions of a 14x14 image (fmnist-demo14), 64 of digits"),
-    Recipe("patch2-mini-grid4", ("train.steps=1500", "model.patch_size=2", "model.preset=igpt-mini"), GRID4,
+    Recipe("patch2-mini-grid4", ("train.steps=1500", "model.patch_size=2", "model.preset=igpt-mini", "model.n_layer=8"), GRID4,
            note="(fmnist-demo14)"),
 ]}
 

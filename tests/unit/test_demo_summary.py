@@ -55,16 +55,18 @@ def test_each_demo_step_is_a_valid_config(scale, step, yaml, extra):
 
 
 def test_a_run_from_another_recipe_is_named_not_reused(tmp_path):
-    """An older demo's run (14x14, 2x2 patches) must not be reused or resumed as the current recipe."""
+    """An older demo's run (14x14, 2x2 patches; four blocks) must not be reused or resumed as the current recipe."""
     import yaml
 
     from demo import _recipe_changes
 
     saved = tmp_path / "config.yaml"
     assert _recipe_changes(saved, FULL) == []  # no run yet
-    model = {"objective": "next_patch", "image_size": FULL.image_size, "patch_size": 4, "n_layer": 4,
+    model = {"objective": "next_patch", "image_size": FULL.image_size, "patch_size": 4, "n_layer": 2,
              "n_embd": 128, "n_head": 4}
     saved.write_text(yaml.safe_dump({"model": model}))
     assert _recipe_changes(saved, FULL) == []
     saved.write_text(yaml.safe_dump({"model": {**model, "image_size": 14, "patch_size": 2}}))
     assert _recipe_changes(saved, FULL) == [f"model.image_size: 14 -> {FULL.image_size}", "model.patch_size: 2 -> 4"]
+    saved.write_text(yaml.safe_dump({"model": {**model, "n_layer": 4}}))
+    assert _recipe_changes(saved, FULL) == ["model.n_layer: 4 -> 2"]
