@@ -15,7 +15,7 @@ def _pretrain(recipe):
     from gpt_vision.run_configs import PretrainConfig
 
     return load_config(PretrainConfig, ROOT / "configs" / "pretrain" / "fmnist_demo.yaml",
-                       ["run_dir=bench_out/x", *recipe.pretrain]).model.resolved()
+                       ["run_dir=bench_out/x", *recipe.pretrain])
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -36,4 +36,4 @@ def test_every_stage_of_a_recipe_is_a_valid_config(name):
                                            ("patch2-grid4", 4), ("blocks4", 4), ("full", 4),
                                            ("patch2-mini-grid4", 8), ("demo", 2)])
 def test_each_recipe_builds_the_depth_its_results_were_measured_with(name, n_layer):
-    assert _pretrain(RECIPES[name]).n_layer == n_layer
+    assert _pretrain(RECIPES[name]).model.resolved().n_layer == n_layer
