@@ -384,21 +384,29 @@ def _pretrain_config(scale: Scale):
     return load_config(PretrainConfig, str(ROOT / "configs/pretrain/fmnist_demo.yaml"), scale.pretrain)
 
 
+# the settings that make a pretraining run the demo's recipe: a saved run that differs in any is not reused
+RECIPE_KEYS = {"model": ("objective", "image_size", "patch_size", "n_layer", "n_embd", "n_head"),
+               "train": ("steps", "global_batch_size"), "optim": ("lr",), "schedule": ("warmup_steps",)}
+
+
 def _recipe_changes(saved_config: Path, scale: Scale) -> list[str]:
-    """`model.key: was -> now` for each model setting where an existing run differs from the demo's
-    recipe (a run from an older demo would otherwise be reused, or resumed, as if it were this one)."""
+    """`section.key: was -> now` for each model or schedule setting where an existing run differs from
+    the demo's recipe: a run from an older demo would otherwise be reused, or resumed (a shorter one on
+    a learning-rate schedule stretched partway through), as if it were this one."""
     import dataclasses
 
     import yaml
 
     if not saved_config.is_file():
         return []
-    saved = (yaml.safe_load(saved_config.read_text()) or {}).get("model") or {}
-    wanted = dataclasses.asdict(_pretrain_config(scale).model.resolved())
-    wanted["image_size"] = scale.image_size
-    return [f"model.{key}: {saved.get(key)} -> {wanted[key]}"
-            for key in ("objective", "image_size", "patch_size", "n_layer", "n_embd", "n_head")
-            if saved.get(key) != wanted[key]]
+    saved = yaml.safe_load(saved_config.read_text()) or {}
+    config = _pretrain_config(scale)
+    wanted = {"model": {**dataclasses.asdict(config.model.resolved()), "image_size": scale.image_size},
+              "train": dataclasses.asdict(config.train), "optim": dataclasses.asdict(config.optim),
+              "schedule": dataclasses.asdict(config.schedule)}
+    return [f"{section}.{key}: {(saved.get(section) or {}).get(key)} -> {wanted[section][key]}"
+            for section, keys in RECIPE_KEYS.items() for key in keys
+            if (saved.get(section) or {}).get(key) != wanted[section][key]]
 
 
 def _step_of(step_dir: Path) -> int:

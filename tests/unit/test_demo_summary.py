@@ -55,7 +55,8 @@ def test_each_demo_step_is_a_valid_config(scale, step, yaml, extra):
 
 
 def test_a_run_from_another_recipe_is_named_not_reused(tmp_path):
-    """An older demo's run (14x14, 2x2 patches; four blocks) must not be reused or resumed as the current recipe."""
+    """An older demo's run (14x14, 2x2 patches; four blocks; a shorter schedule) must not be reused or
+    resumed as the current recipe."""
     import yaml
 
     from demo import _recipe_changes
@@ -64,9 +65,15 @@ def test_a_run_from_another_recipe_is_named_not_reused(tmp_path):
     assert _recipe_changes(saved, FULL) == []  # no run yet
     model = {"objective": "next_patch", "image_size": FULL.image_size, "patch_size": 4, "n_layer": 2,
              "n_embd": 128, "n_head": 4}
-    saved.write_text(yaml.safe_dump({"model": model}))
+    schedule = {"train": {"steps": 3600, "global_batch_size": 32, "log_every": 10}, "optim": {"lr": 2.0e-3},
+                "schedule": {"warmup_steps": 50}}
+    saved.write_text(yaml.safe_dump({"model": model, **schedule}))
     assert _recipe_changes(saved, FULL) == []
-    saved.write_text(yaml.safe_dump({"model": {**model, "image_size": 14, "patch_size": 2}}))
+    saved.write_text(yaml.safe_dump({"model": {**model, "image_size": 14, "patch_size": 2}, **schedule}))
     assert _recipe_changes(saved, FULL) == [f"model.image_size: 14 -> {FULL.image_size}", "model.patch_size: 2 -> 4"]
-    saved.write_text(yaml.safe_dump({"model": {**model, "n_layer": 4}}))
+    saved.write_text(yaml.safe_dump({"model": {**model, "n_layer": 4}, **schedule}))
     assert _recipe_changes(saved, FULL) == ["model.n_layer: 4 -> 2"]
+    saved.write_text(yaml.safe_dump({"model": model, **schedule, "train": {"steps": 1500, "global_batch_size": 32}}))
+    assert _recipe_changes(saved, FULL) == ["train.steps: 1500 -> 3600"]  # would resume on a stretched schedule
+    saved.write_text(yaml.safe_dump({"model": model, **schedule, "optim": {"lr": 1.0e-3}}))
+    assert _recipe_changes(saved, FULL) == ["optim.lr: 0.001 -> 0.002"]
