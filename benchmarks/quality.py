@@ -9,6 +9,7 @@ fine-tune top-1 beside their baselines, images seen, minutes). Rows are appended
 
     python benchmarks/quality.py --dataset fmnist-demo --recipes demo init --finetune   # a few rows
     python benchmarks/quality.py --dataset digits --recipes patch2 --finetune           # second dataset
+    python benchmarks/quality.py --dataset fmnist-full --recipes full2 --finetune       # all of it, ~1 h
     python benchmarks/quality.py --list                                               # every recipe
 
 Datasets: `fmnist-demo` is `make demo`'s split (first 20,000 train / 2,000 test Fashion-MNIST
@@ -49,7 +50,7 @@ def _demo_recipe() -> Recipe:
     from demo import FULL
 
     return Recipe("demo", tuple(FULL.pretrain), tuple(FULL.probe), tuple(FULL.finetune),
-                  note="make demo: next_patch on 4x4 patches, 1500 steps; probe block 0's 7x7 grid; LP-FT of block 0")
+                  note="make demo: next_patch on 4x4 patches, two blocks, 3600 steps; probe block 0's 7x7 grid; LP-FT of block 0")
 
 
 DEMO = _demo_recipe()
@@ -71,6 +72,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("full", (*DEMO.pretrain, *BLOCKS4, "train.steps=9000"), DEMO.probe,
            (*DEMO.finetune, "train.steps=3000", "schedule.warmup_steps=300"),
            note="for the full dataset (Quality 8): four blocks, 9000 steps (4.8 epochs of 60,000), a 3000-step fine-tune"),
+    Recipe("full2", (*DEMO.pretrain, "train.steps=18000"), DEMO.probe,
+           (*DEMO.finetune, "train.steps=6000", "schedule.warmup_steps=600", "optim.lr=1.0e-3"),
+           note="for the full dataset (Quality 10): the demo's two blocks, 18000 steps (9.6 epochs of 60,000); "
+                "a 6000-step fine-tune at lr 1e-3"),
     Recipe("patch2", (*DEMO.pretrain, "model.patch_size=2"), DEMO.probe, DEMO.finetune,
            note="the demo's recipe on 2x2 patches: 49 positions of a 14x14 image (fmnist-demo14), 64 of digits"),
     Recipe("patch2-mini-grid4", ("train.steps=1500", "model.patch_size=2", "model.preset=igpt-mini", "model.n_layer=8"), GRID4,

@@ -34,6 +34,6 @@ def test_every_stage_of_a_recipe_is_a_valid_config(name):
 
 @pytest.mark.parametrize("name, n_layer", [("pixel-mean", 4), ("pixel-grid4", 4), ("masked-grid4", 4),
                                            ("patch2-grid4", 4), ("blocks4", 4), ("full", 4),
-                                           ("patch2-mini-grid4", 8), ("demo", 2)])
+                                           ("patch2-mini-grid4", 8), ("demo", 2), ("full2", 2)])
 def test_each_recipe_builds_the_depth_its_results_were_measured_with(name, n_layer):
     assert _pretrain(RECIPES[name]).model.resolved().n_layer == n_layer
