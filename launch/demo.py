@@ -404,9 +404,11 @@ def _recipe_changes(saved_config: Path, scale: Scale) -> list[str]:
     wanted = {"model": {**dataclasses.asdict(config.model.resolved()), "image_size": scale.image_size},
               "train": dataclasses.asdict(config.train), "optim": dataclasses.asdict(config.optim),
               "schedule": dataclasses.asdict(config.schedule)}
-    return [f"{section}.{key}: {(saved.get(section) or {}).get(key)} -> {wanted[section][key]}"
-            for section, keys in RECIPE_KEYS.items() for key in keys
-            if (saved.get(section) or {}).get(key) != wanted[section][key]]
+    changes = []
+    for section, keys in RECIPE_KEYS.items():
+        was, now = saved.get(section) or {}, wanted[section]
+        changes += [f"{section}.{key}: {was.get(key)} -> {now[key]}" for key in keys if was.get(key) != now[key]]
+    return changes
 
 
 def _step_of(step_dir: Path) -> int:
